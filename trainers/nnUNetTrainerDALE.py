@@ -1,0 +1,2 @@
+"""Thin module found by nnU-Net through ``nnUNet_extTrainer``; the class lives in nnunetv2_dale."""
+from nnunetv2_dale.trainer import nnUNetTrainerDALE  # noqa: F401
