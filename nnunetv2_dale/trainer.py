@@ -4,7 +4,6 @@ Status: this release provides the packaging, registration, budgets and start-up 
 trainer still optimises nnU-Net's stock Dice+CE loss; the label-confidence memory and the DALE
 objective are separate, not yet implemented steps (see README, "Status").
 """
-from __future__ import annotations
 
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from nnunetv2_dale.preflight import SetupError, check_path_variables, check_prep
 
 ITERS_ENV = "nnUNet_DALE_iters"
 VAL_ITERS_ENV = "nnUNet_DALE_val_iters"
+SAVE_EVERY_ENV = "nnUNet_DALE_save_every"
 
 
 def _positive_int_from_env(name: str) -> int | None:
@@ -28,7 +28,7 @@ def _positive_int_from_env(name: str) -> int | None:
     except ValueError:
         value = 0
     if value < 1:
-        raise SetupError(f"{name}={raw!r} must be a positive integer (iterations per epoch), or unset.")
+        raise SetupError(f"{name}={raw!r} must be a positive integer, or unset.")
     return value
 
 
@@ -36,7 +36,9 @@ class nnUNetTrainerDALE(nnUNetTrainer):
     """nnU-Net trainer for noisy labels (DALE). Currently trains with nnU-Net's stock loss.
 
     CPU budgets: ``nnUNet_DALE_iters`` and ``nnUNet_DALE_val_iters`` override
-    ``num_iterations_per_epoch`` (default 250) and ``num_val_iterations_per_epoch`` (default 50).
+    ``num_iterations_per_epoch`` (default 250) and ``num_val_iterations_per_epoch`` (default 50);
+    ``nnUNet_DALE_save_every`` overrides ``save_every`` (epochs between ``checkpoint_latest.pth``
+    writes, default 50), so that short CPU runs can be resumed with ``--c``.
     Epoch counts come from the length variants (``nnUNetTrainerDALE_5epochs`` ...), which only set
     the class attribute ``epochs``.
     """
@@ -49,13 +51,14 @@ class nnUNetTrainerDALE(nnUNetTrainer):
         dataset_name = plans["dataset_name"]
         check_preprocessed(dataset_name, configuration, plans["plans_name"])
         check_writable(Path(os.environ["nnUNet_results"]) / dataset_name, "the output folder")
-        iters, val_iters = _positive_int_from_env(ITERS_ENV), _positive_int_from_env(VAL_ITERS_ENV)
+        overrides = {attr: _positive_int_from_env(env) for attr, env in (
+            ("num_iterations_per_epoch", ITERS_ENV), ("num_val_iterations_per_epoch", VAL_ITERS_ENV),
+            ("save_every", SAVE_EVERY_ENV))}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.epochs
-        if iters is not None:
-            self.num_iterations_per_epoch = iters
-        if val_iters is not None:
-            self.num_val_iterations_per_epoch = val_iters
+        for attr, value in overrides.items():
+            if value is not None:
+                setattr(self, attr, value)
         self.print_to_log_file(
             f"{self.__class__.__name__} (nnunetv2-dale {__version__}): loss = nnU-Net's stock Dice+CE "
             f"(the DALE objective is not implemented in this version). Budget: {self.num_epochs} epochs x "

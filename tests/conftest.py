@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny generated datasets, planned and preprocessed once per test session
+through nnU-Net's real command line, and a clean environment for child processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunetv2_dale.noise import NoiseSpec
+from nnunetv2_dale.phantoms import make_phantom_dataset
+
+BIN = Path(sys.executable).parent
+SHARED_DDTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset601_DDTI"
+
+
+def tool(name: str) -> str:
+    """Path of an installed console script (nnU-Net's or ours) next to this interpreter."""
+    found = BIN / name
+    return str(found) if found.exists() else name
+
+
+def clean_env(**paths: os.PathLike | str) -> dict[str, str]:
+    """A NEW-shell-like environment: PATH/HOME/locale only, plus the given variables.
+
+    ``nnUNet_extTrainer`` is deliberately absent: finding our trainers must not depend on it.
+    """
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+            "PIP_FIND_LINKS", "PIP_CERT", "PIP_DEFAULT_TIMEOUT", "PIP_DISABLE_PIP_VERSION_CHECK")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update({"nnUNet_n_proc_DA": "1", "nnUNet_def_n_proc": "1", "OMP_NUM_THREADS": "1"})
+    env.update({k: str(v) for k, v in paths.items()})
+    return env
+
+
+def run(cmd: list[str], env: dict[str, str], timeout: float = 600, check: bool = True,
+        cwd: os.PathLike | str | None = None) -> subprocess.CompletedProcess:
+    """Run a command to completion; by default fail with its output when it fails."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+class NNUNetTree:
+    """nnUNet_raw / nnUNet_preprocessed / nnUNet_results under one temporary folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.raw, self.preprocessed, self.results = (root / n for n in ("raw", "preprocessed", "results"))
+        for d in (self.raw, self.preprocessed, self.results):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return clean_env(nnUNet_raw=self.raw, nnUNet_preprocessed=self.preprocessed, nnUNet_results=self.results,
+                         **extra)
+
+
+def _planned(tmp_path_factory: pytest.TempPathFactory, dim: int, dataset_id: int, size: int, n_train: int,
+             configuration: str) -> tuple[NNUNetTree, int, Path]:
+    tree = NNUNetTree(tmp_path_factory.mktemp(f"nnunet{dim}d"))
+    raw = make_phantom_dataset(tree.raw / f"Dataset{dataset_id}_Tiny{dim}D", dim=dim, size=size, num_train=n_train,
+                               num_test=2, noise=NoiseSpec(markov_steps=40), seed=dataset_id)
+    run([tool("nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", configuration, "-np", "1",
+         "--verify_dataset_integrity"], tree.env())
+    return tree, dataset_id, raw
+
+
+@pytest.fixture(scope="session")
+def tiny2d(tmp_path_factory):
+    """8 noisy 2D phantoms of 32x32 (PNG), planned and preprocessed for 2d."""
+    return _planned(tmp_path_factory, 2, 981, 32, 8, "2d")
+
+
+@pytest.fixture(scope="session")
+def tiny3d(tmp_path_factory):
+    """6 noisy 3D phantoms of 20^3 (NIfTI), planned and preprocessed for 3d_fullres."""
+    return _planned(tmp_path_factory, 3, 982, 20, 6, "3d_fullres")
