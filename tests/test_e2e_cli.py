@@ -44,8 +44,7 @@ def test_2d_train_kill_continue_val_predict_find_best(tiny2d, tmp_path):
     env = tree.env(**{**BUDGET, "nnUNet_DALE_iters": "10"})  # epoch 1 must outlast the kill
     trainer = "nnUNetTrainerDALE_2epochs"
     train = [tool("nnUNetv2_train"), str(did), "2d", "0", "-tr", trainer, "-device", "cpu"]
-    fold = next(tree.results.glob("*")) if any(tree.results.iterdir()) else None
-    assert fold is None, "fresh results folder expected"
+    assert not list(tree.results.glob(f"*/{trainer}__*")), "this trainer must start from scratch"
 
     # 1. killed during epoch 1, after epoch 0 wrote checkpoint_latest.pth
     out = train_until_killed(train, env, marker="Epoch 1")
