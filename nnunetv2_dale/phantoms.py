@@ -38,13 +38,13 @@ def phantom_case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.n
             y, x = offset[-2], offset[-1]
             offset[-2], offset[-1] = np.cos(a) * y - np.sin(a) * x, np.sin(a) * y + np.cos(a) * x
         dist = np.sqrt(sum((o / r) ** 2 for o, r in zip(offset, radii))) - 1.0
-        field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=max(shape) / 10)
+        field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=[s / 10 for s in shape])
         field /= field.std() + 1e-8
         signed = dist + 0.3 * field.astype(np.float32)
         label = signed < 0
         if label.sum() >= 0.01 * label.size:
             break
-    background = 0.55 + 0.1 * ndimage.gaussian_filter(rng.normal(size=shape), sigma=max(shape) / 16) * 4
+    background = 0.55 + 0.1 * ndimage.gaussian_filter(rng.normal(size=shape), sigma=[s / 16 for s in shape]) * 4
     contrast = rng.uniform(0.18, 0.3)
     edge_width = rng.uniform(0.06, 0.14)
     image = background - contrast / (1 + np.exp(signed / edge_width))
@@ -54,7 +54,7 @@ def phantom_case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.n
     return np.clip(image, 0, 1).astype(np.float32), label.astype(np.uint8)
 
 
-def _write(array: np.ndarray, path: Path, is_label: bool) -> None:
+def _write(array: np.ndarray, path: Path, is_label: bool, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> None:
     if array.ndim == 2:
         from PIL import Image
 
@@ -64,13 +64,18 @@ def _write(array: np.ndarray, path: Path, is_label: bool) -> None:
         import SimpleITK as sitk
 
         img = sitk.GetImageFromArray(array.astype(np.uint8 if is_label else np.float32))
-        img.SetSpacing((1.0, 1.0, 1.0))
+        img.SetSpacing(tuple(float(s) for s in reversed(spacing)))  # numpy (z, y, x) -> ITK (x, y, z)
         sitk.WriteImage(img, str(path), useCompression=True)
 
 
 def make_phantom_dataset(out_dir: str | os.PathLike, dim: int = 2, size: int = 64, num_train: int = 40,
-                         num_test: int = 20, noise: NoiseSpec = NoiseSpec(), seed: int = 0) -> Path:
-    """Write a phantom dataset into ``out_dir`` (a DatasetXXX_Name folder); return that folder."""
+                         num_test: int = 20, noise: NoiseSpec = NoiseSpec(), seed: int = 0,
+                         shape: tuple[int, ...] | None = None, spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> Path:
+    """Write a phantom dataset into ``out_dir`` (a DatasetXXX_Name folder); return that folder.
+
+    ``shape`` (default ``(size,) * dim``) and ``spacing`` (3D only, numpy axis order) allow
+    anisotropic volumes, e.g. ``shape=(8, 40, 40), spacing=(4, 1, 1)``.
+    """
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, got {dim}")
     if num_train < 2 or num_test < 1:
@@ -81,24 +86,26 @@ def make_phantom_dataset(out_dir: str | os.PathLike, dim: int = 2, size: int = 6
     for f in folders.values():
         f.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    shape = (size,) * dim
+    shape = tuple(shape) if shape is not None else (size,) * dim
+    if len(shape) != dim:
+        raise ValueError(f"shape {shape} does not have {dim} dimensions")
     corrupted: list[str] = []
     changed_fractions: dict[str, float] = {}
     for i in range(num_train + num_test):
         image, label = phantom_case(rng, shape)
         train = i < num_train
         case = f"phantom_{i:04d}"
-        _write(image, folders["imagesTr" if train else "imagesTs"] / f"{case}_0000{ending}", False)
+        _write(image, folders["imagesTr" if train else "imagesTs"] / f"{case}_0000{ending}", False, spacing)
         if not train:
-            _write(label, folders["labelsTs"] / f"{case}{ending}", True)
+            _write(label, folders["labelsTs"] / f"{case}{ending}", True, spacing)
             continue
         noisy, changed = corrupt_label(label, noise, rng)
         if changed.any():
             corrupted.append(case)
             changed_fractions[case] = float(changed.sum() / max(label.sum(), 1))
-        _write(noisy, folders["labelsTr"] / f"{case}{ending}", True)
-        _write(label, folders["labelsTr_clean"] / f"{case}{ending}", True)
-        _write(changed.astype(np.uint8), folders["noiseTr"] / f"{case}{ending}", True)
+        _write(noisy, folders["labelsTr"] / f"{case}{ending}", True, spacing)
+        _write(label, folders["labelsTr_clean"] / f"{case}{ending}", True, spacing)
+        _write(changed.astype(np.uint8), folders["noiseTr"] / f"{case}{ending}", True, spacing)
     dataset_json = {
         "channel_names": {"0": "ultrasound-like" if dim == 2 else "phantom"},
         "labels": {"background": 0, "lesion": 1},
@@ -107,7 +114,7 @@ def make_phantom_dataset(out_dir: str | os.PathLike, dim: int = 2, size: int = 6
         "description": f"nnunetv2-dale {dim}D lesion phantoms; NOISY labelsTr, clean labelsTs (seed {seed})",
     }
     (out / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
-    meta = {"seed": seed, "dim": dim, "size": size, "num_train": num_train, "num_test": num_test,
+    meta = {"seed": seed, "dim": dim, "shape": list(shape), "spacing": list(spacing), "num_train": num_train, "num_test": num_test,
             "noise": asdict(noise), "corrupted_cases": corrupted, "changed_fraction": changed_fractions}
     (out / "phantoms.json").write_text(json.dumps(meta, indent=2))
     return out

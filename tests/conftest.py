@@ -78,3 +78,26 @@ def tiny2d(tmp_path_factory):
 def tiny3d(tmp_path_factory):
     """6 noisy 3D phantoms of 20^3 (NIfTI), planned and preprocessed for 3d_fullres."""
     return _planned(tmp_path_factory, 3, 982, 20, 6, "3d_fullres")
+
+
+@pytest.fixture(scope="session")
+def aniso3d(tmp_path_factory):
+    """6 noisy anisotropic 3D phantoms (8 x 40 x 40 voxels, spacing 4 x 1 x 1): nnU-Net plans
+    dummy-2D augmentation for them."""
+    tree = NNUNetTree(tmp_path_factory.mktemp("nnunet_aniso"))
+    raw = make_phantom_dataset(tree.raw / "Dataset983_Aniso3D", dim=3, num_train=6, num_test=1,
+                               noise=NoiseSpec(markov_steps=40), seed=983, shape=(8, 40, 40), spacing=(4.0, 1.0, 1.0))
+    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "983", "-c", "3d_fullres", "-np", "1"], tree.env())
+    return tree, 983, raw
+
+
+def inprocess_trainer(tree: NNUNetTree, dataset_id: int, configuration: str, monkeypatch: pytest.MonkeyPatch,
+                      trainer_name: str = "nnUNetTrainerDALE_2epochs", **extra_env: str):
+    """A real trainer in this process (no augmentation workers), set up like nnUNetv2_train does."""
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    for key, value in tree.env(nnUNet_n_proc_DA="0", **extra_env).items():
+        if key.startswith("nnUNet"):
+            monkeypatch.setenv(key, value)
+    return get_trainer_from_args(str(dataset_id), configuration, 0, trainer_name, device=torch.device("cpu"))

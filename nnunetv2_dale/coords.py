@@ -1,0 +1,122 @@
+"""Source-voxel mapping: every voxel of an augmented training patch knows the voxel of the
+preprocessed case it came from, or that it came from padding.
+
+The training loader adds a coordinate map of the crop to each sample as a ``regression_target``
+(channels: z, y, x in the preprocessed case's voxel grid, then a validity channel that is 1 inside
+the case and 0 in padding). nnU-Net's own transforms move it exactly like the image (spatial
+transform with linear interpolation, mirroring, dummy-2D), intensity transforms leave it alone,
+and linear interpolation of a linear coordinate field is exact. A patch voxel is valid where the
+interpolated validity is 1, i.e. where all its interpolation neighbours lie inside the case.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from threadpoolctl import threadpool_limits
+
+COORD_CHANNELS = 4  # z, y, x, validity
+VALID_THRESHOLD = 0.999
+
+
+def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...]) -> torch.Tensor:
+    """(4, *crop) float32 map of the voxel coordinates of ``bbox`` in a case of ``case_shape``."""
+    axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in bbox]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    valid = torch.ones_like(grids[0])
+    for g, n in zip(grids, case_shape):
+        valid *= ((g >= 0) & (g <= n - 1)).float()
+    return torch.stack([g * valid for g in grids] + [valid])
+
+
+def source_indices(coords: torch.Tensor, case_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat source-voxel index per patch voxel and the validity mask, from one sample's
+    transformed coordinate map ``(4, *patch)`` (or ``(4, 1, *patch)`` in 2D)."""
+    coords = coords.reshape(COORD_CHANNELS, -1)
+    valid = coords[3] > VALID_THRESHOLD
+    idx = torch.zeros(coords.shape[1], dtype=torch.int64)
+    stride = 1
+    for axis in (2, 1, 0):
+        c = torch.round(coords[axis]).to(torch.int64)
+        valid &= (c >= 0) & (c < case_shape[axis])
+        idx += c.clamp(0, case_shape[axis] - 1) * stride
+        stride *= case_shape[axis]
+    return idx, valid
+
+
+class CoordinateDataLoader(nnUNetDataLoader):
+    """nnU-Net's training loader plus ``regression_target`` (coordinate maps) and ``case_shapes``.
+
+    Same sampling, cropping and transforms as ``nnUNetDataLoader.generate_train_batch`` in
+    nnU-Net 2.8.1; the only additions are the coordinate map and the shapes of the cases.
+    """
+
+    def generate_train_batch(self) -> dict:
+        selected_keys = self.get_indices()
+        data_all = seg_all = coords_all = None
+        shapes = []
+        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            for j, key in enumerate(selected_keys):
+                force_fg = self.get_do_oversample(j)
+                data, seg, seg_prev, properties = self._data.load_case(key)
+                shape = data.shape[1:]
+                shapes.append(tuple(int(s) for s in shape))
+                bbox_lbs, bbox_ubs = self.get_bbox(shape, force_fg, properties["class_locations"])
+                bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
+                data_cropped = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+                seg_cropped = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+                if seg_prev is not None:
+                    seg_prev_cropped = torch.from_numpy(
+                        crop_and_pad_nd(seg_prev, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
+                    seg_cropped = torch.cat((seg_cropped, seg_prev_cropped[None]), dim=0)
+                coords = crop_coordinates(bbox, shapes[-1])
+                if self.patch_size_was_2d:
+                    data_cropped, seg_cropped, coords = data_cropped[:, 0], seg_cropped[:, 0], coords[:, 0]
+                sample = {"image": data_cropped, "segmentation": seg_cropped, "regression_target": coords}
+                if self.transforms is not None:
+                    sample = self.transforms(**sample)
+                if data_all is None:
+                    data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
+                    coords_all = torch.empty((self.batch_size, *sample["regression_target"].shape), dtype=torch.float32)
+                    seg = sample["segmentation"]
+                    seg_all = ([torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in seg]
+                               if isinstance(seg, list) else torch.empty((self.batch_size, *seg.shape), dtype=seg.dtype))
+                data_all[j] = sample["image"]
+                coords_all[j] = sample["regression_target"]
+                if isinstance(seg_all, list):
+                    for s_idx, s in enumerate(sample["segmentation"]):
+                        seg_all[s_idx][j] = s
+                else:
+                    seg_all[j] = sample["segmentation"]
+        return {"data": data_all, "target": seg_all, "keys": selected_keys, "regression_target": coords_all,
+                "case_shapes": shapes}
+
+
+@contextlib.contextmanager
+def training_loader_with_coordinates() -> Iterator[None]:
+    """While active, nnU-Net's ``get_dataloaders`` builds :class:`CoordinateDataLoader` for training.
+
+    ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by its module-level name; the
+    first loader it builds is the training loader, the second the validation loader (kept stock).
+    Swapping the name for the duration of that one call keeps all of nnU-Net's loader set-up
+    (patch sizes, DA workers, oversampling) instead of copying it.
+    """
+    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as trainer_module
+
+    original = trainer_module.nnUNetDataLoader
+    built: list[str] = []
+
+    def factory(*args, **kwargs):
+        cls = CoordinateDataLoader if not built else original
+        built.append(cls.__name__)
+        return cls(*args, **kwargs)
+
+    trainer_module.nnUNetDataLoader = factory
+    try:
+        yield
+    finally:
+        trainer_module.nnUNetDataLoader = original

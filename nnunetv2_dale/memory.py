@@ -1,0 +1,258 @@
+"""Per-voxel label-confidence memory: memory-mapped temporal ensembles of the softmax.
+
+For every training case the memory holds, per voxel of the preprocessed case,
+- ``q``: an exponential moving average of the network's softmax over the visits of that voxel
+  (float16; one channel, p(foreground), for binary tasks, K channels otherwise), and
+- ``n``: a visit count saturating at 255 (uint8),
+so disk costs 2K+1 bytes per voxel (3 for binary) and RAM holds only the current batch: files are
+opened per update and closed again, so mapped pages do not accumulate in the process.
+
+Files live in ``<fold>/dale_memory/live``. ``snapshot(epoch)`` copies them atomically (temporary
+folder + rename) to ``snapshot_epoch_XXXX``, stamped with the epoch of the checkpoint written next
+to it; ``restore(epoch)`` copies a snapshot back. A snapshot whose stamp or case list does not
+match is refused with a message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MANIFEST = "manifest.json"
+MAX_COUNT = 255
+
+
+class MemoryMismatchError(RuntimeError):
+    """Buffers that do not belong to this run or checkpoint."""
+
+
+@dataclass
+class EpochStats:
+    """Per-epoch running sums (all-reduced under DDP before they are reported)."""
+
+    num_classes: int
+    newly_visited: int = 0
+    conf_sum: np.ndarray = field(default=None)  # type: ignore[assignment]
+    conf_cnt: np.ndarray = field(default=None)  # type: ignore[assignment]
+    skipped_nonfinite: int = 0
+
+    def __post_init__(self) -> None:
+        self.conf_sum = np.zeros(self.num_classes, dtype=np.float64)
+        self.conf_cnt = np.zeros(self.num_classes, dtype=np.float64)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(content, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ConfidenceMemory:
+    """Temporal-ensemble buffers for the training cases of one fold."""
+
+    def __init__(self, folder: str | os.PathLike, case_shapes: dict[str, tuple[int, ...]], num_classes: int,
+                 identity: dict, ema_min_weight: float = 0.2) -> None:
+        self.root = Path(folder)
+        self.live = self.root / "live"
+        self.case_shapes = {k: tuple(int(s) for s in v) for k, v in case_shapes.items()}
+        self.num_classes = num_classes
+        self.channels = 1 if num_classes == 2 else num_classes
+        self.identity = identity  # dataset, plans, configuration, fold: refuse buffers of another run
+        self.ema_min_weight = ema_min_weight
+        self.total_voxels = int(sum(np.prod(s) for s in self.case_shapes.values()))
+        self.visited_voxels = 0
+        self.stats = EpochStats(num_classes)
+        self._snapshot_written: int | None = None
+
+    # ----------------------------------------------------------------- files
+    def _q_path(self, folder: Path, key: str) -> Path:
+        return folder / f"{key}.q.f16"
+
+    def _n_path(self, folder: Path, key: str) -> Path:
+        return folder / f"{key}.n.u8"
+
+    def manifest(self, epoch: int | None) -> dict:
+        return {"epoch": epoch, "identity": self.identity, "channels": self.channels,
+                "cases": {k: list(v) for k, v in self.case_shapes.items()}, "visited_voxels": self.visited_voxels}
+
+    def reset(self) -> None:
+        """Fresh, empty buffers (sparse files: disk is used only where voxels get visited)."""
+        tmp = self.root / "live.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for key, shape in self.case_shapes.items():
+            n = int(np.prod(shape))
+            with open(self._q_path(tmp, key), "wb") as f:
+                f.truncate(n * self.channels * 2)
+            with open(self._n_path(tmp, key), "wb") as f:
+                f.truncate(n)
+        self.visited_voxels = 0
+        write_json_atomic(tmp / MANIFEST, self.manifest(None))
+        self._swap_in(tmp)
+
+    def _swap_in(self, folder: Path) -> None:
+        old = self.root / "live.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if self.live.exists():
+            os.replace(self.live, old)
+        os.replace(folder, self.live)
+        _fsync_dir(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _open(self, key: str) -> tuple[np.memmap, np.memmap]:
+        n = int(np.prod(self.case_shapes[key]))
+        q = np.memmap(self._q_path(self.live, key), dtype=np.float16, mode="r+", shape=(n, self.channels))
+        c = np.memmap(self._n_path(self.live, key), dtype=np.uint8, mode="r+", shape=(n,))
+        return q, c
+
+    # ---------------------------------------------------------- update / read
+    def update(self, key: str, index: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Fold one patch's softmax into the case's buffers.
+
+        ``index``: flat source-voxel index of each valid patch voxel (N,); ``probs``: (N, K)
+        softmax; ``labels``: (N,) annotated label of those patch voxels (for the statistics).
+        Patch voxels mapping to the same source voxel are averaged first (scatter-mean).
+        """
+        if index.numel() == 0:
+            return
+        if not torch.isfinite(probs).all():
+            self.stats.skipped_nonfinite += 1
+            return
+        values = probs[:, 1:] if self.channels == 1 else probs
+        uniq, inverse = torch.unique(index, return_inverse=True)
+        sums = torch.zeros((uniq.numel(), self.channels), dtype=torch.float32).index_add_(0, inverse, values.float())
+        hits = torch.bincount(inverse, minlength=uniq.numel()).clamp_min(1).float()
+        mean = (sums / hits[:, None]).numpy()
+        where = uniq.numpy()
+        q, c = self._open(key)
+        try:
+            old_q = q[where].astype(np.float32)
+            old_n = c[where].astype(np.int64)
+            weight = np.maximum(1.0 / (old_n + 1.0), self.ema_min_weight)[:, None]
+            new_q = (1 - weight) * old_q + weight * mean
+            q[where] = new_q.astype(np.float16)
+            c[where] = np.minimum(old_n + 1, MAX_COUNT).astype(np.uint8)
+        finally:
+            del q, c
+        self.stats.newly_visited += int((old_n == 0).sum())
+        agreement = agreement_with_label(torch.from_numpy(new_q)[inverse], labels, self.num_classes)
+        lab = labels.numpy()
+        self.stats.conf_sum += np.bincount(lab, weights=agreement.numpy(), minlength=self.num_classes)[: self.num_classes]
+        self.stats.conf_cnt += np.bincount(lab, minlength=self.num_classes)[: self.num_classes]
+
+    def read(self, key: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q as (N, channels) float32, visit counts (N,)) at the given flat source indices."""
+        q, c = self._open(key)
+        try:
+            where = index.numpy()
+            return torch.from_numpy(q[where].astype(np.float32)), torch.from_numpy(c[where].astype(np.int64))
+        finally:
+            del q, c
+
+    def case_arrays(self, key: str, folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Whole-case (q, n) as in-RAM arrays shaped like the case (for pictures, audits, tests)."""
+        folder = folder or self.live
+        shape = self.case_shapes[key]
+        q = np.fromfile(self._q_path(folder, key), dtype=np.float16).reshape(*shape, self.channels)
+        n = np.fromfile(self._n_path(folder, key), dtype=np.uint8).reshape(shape)
+        return q, n
+
+    def take_epoch_stats(self) -> EpochStats:
+        stats, self.stats = self.stats, EpochStats(self.num_classes)
+        return stats
+
+    # ----------------------------------------------------------- persistence
+    def snapshot_dir(self, epoch: int) -> Path:
+        return self.root / f"snapshot_epoch_{epoch:04d}"
+
+    def snapshot(self, epoch: int) -> Path:
+        """Copy the live buffers to the snapshot for ``epoch`` (atomic: tmp folder + rename).
+
+        Within one process, a second call for the same epoch (nnU-Net may write checkpoint_best
+        and checkpoint_latest in one epoch) reuses the copy. A snapshot left by an earlier process
+        with the same stamp (a run resumed from an older checkpoint) is replaced.
+        """
+        target = self.snapshot_dir(epoch)
+        if self._snapshot_written == epoch and target.exists():
+            return target
+        tmp = self.root / f".{target.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for key in self.case_shapes:
+            for path_fn in (self._q_path, self._n_path):
+                shutil.copyfile(path_fn(self.live, key), path_fn(tmp, key))
+                with open(path_fn(tmp, key), "rb+") as f:
+                    os.fsync(f.fileno())
+        write_json_atomic(tmp / MANIFEST, self.manifest(epoch))
+        _fsync_dir(tmp)
+        stale = self.root / f".{target.name}.stale"
+        shutil.rmtree(stale, ignore_errors=True)
+        if target.exists():
+            os.replace(target, stale)
+        os.replace(tmp, target)
+        _fsync_dir(self.root)
+        shutil.rmtree(stale, ignore_errors=True)
+        self._snapshot_written = epoch
+        return target
+
+    def restore(self, epoch: int, checkpoint_name: str) -> None:
+        """Make the snapshot stamped ``epoch`` the live buffers; refuse anything that does not match."""
+        source = self.snapshot_dir(epoch)
+        manifest_file = source / MANIFEST
+        if not manifest_file.is_file():
+            found = sorted(p.name for p in self.root.glob("snapshot_epoch_*")) if self.root.exists() else []
+            raise MemoryMismatchError(
+                f"{checkpoint_name} is from epoch {epoch}, but {self.root} has no DALE buffers stamped with that "
+                f"epoch (found: {', '.join(found) or 'none'}). The checkpoint and the buffers do not belong together: "
+                "restore the fold folder as a whole, or start this fold again without --c.")
+        manifest = json.loads(manifest_file.read_text())
+        problems = []
+        if manifest.get("epoch") != epoch:
+            problems.append(f"epoch stamp {manifest.get('epoch')} != checkpoint epoch {epoch}")
+        if manifest.get("identity") != self.identity:
+            problems.append(f"buffers belong to {manifest.get('identity')}, this run is {self.identity}")
+        if manifest.get("cases") != {k: list(v) for k, v in self.case_shapes.items()}:
+            problems.append("the training cases or their shapes changed since the buffers were written")
+        if manifest.get("channels") != self.channels:
+            problems.append(f"{manifest.get('channels')} buffer channels, this run needs {self.channels}")
+        if problems:
+            raise MemoryMismatchError(f"refusing the DALE buffers in {source} for {checkpoint_name}: "
+                                      + "; ".join(problems) + ". Start this fold again without --c, or use the "
+                                      "dataset/plans/fold the buffers were made for.")
+        tmp = self.root / "live.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        self._swap_in(tmp)
+        self.visited_voxels = int(manifest.get("visited_voxels", 0))
+
+    def prune(self, keep_epochs: set[int]) -> None:
+        """Delete snapshots whose epoch no existing checkpoint refers to (and stale temporaries)."""
+        for path in self.root.glob("snapshot_epoch_*"):
+            if int(path.name.rsplit("_", 1)[1]) not in keep_epochs:
+                shutil.rmtree(path, ignore_errors=True)
+        for path in [*self.root.glob(".snapshot_epoch_*.tmp"), *self.root.glob(".snapshot_epoch_*.stale")]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def agreement_with_label(q: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """AE = q[y]: the smoothed probability the model gives the annotated label (binary: one channel)."""
+    if q.shape[1] == 1:
+        fg = q[:, 0]
+        return torch.where(labels > 0, fg, 1 - fg)
+    return q.gather(1, labels.clamp(0, num_classes - 1).long()[:, None])[:, 0]

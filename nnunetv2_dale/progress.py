@@ -1,0 +1,86 @@
+"""What the memory looks like: the progress.png panel and per-case buffer pictures.
+
+``DALELocalLogger`` is nnU-Net's ``LocalLogger`` with two more per-epoch keys. Its
+``plot_progress_png`` lets nnU-Net draw its usual three panels and appends a fourth with the
+fraction of voxels visited and the mean label confidence per class, so ``progress.png`` stays the
+one place to watch a run.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+DALE_KEYS = ("dale_visited_fraction", "dale_mean_confidence")
+
+
+class DALELocalLogger(LocalLogger):
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__(verbose)
+        self.ensure_keys()
+
+    def ensure_keys(self) -> None:
+        for key in DALE_KEYS:
+            self.my_fantastic_logging.setdefault(key, [])
+
+    def load_checkpoint(self, checkpoint: dict) -> None:
+        super().load_checkpoint(checkpoint)
+        self.ensure_keys()
+
+    def plot_progress_png(self, output_folder: str) -> None:
+        import matplotlib.pyplot as plt
+
+        with tempfile.TemporaryDirectory() as tmp:
+            super().plot_progress_png(tmp)
+            stock = plt.imread(os.path.join(tmp, "progress.png"))
+        fig, ax = plt.subplots(1, 1, figsize=(30, 18))
+        visited = self.my_fantastic_logging["dale_visited_fraction"]
+        confidence = self.my_fantastic_logging["dale_mean_confidence"]
+        x = list(range(len(visited)))
+        ax.plot(x, visited, color="k", ls="-", label="voxels visited (fraction)", linewidth=4)
+        per_class = np.array([c for c in confidence], dtype=float).reshape(len(confidence), -1)
+        for k in range(per_class.shape[1]):
+            ax.plot(x, per_class[:, k], ls="--", linewidth=3, label=f"mean label confidence, class {k}")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc=(0, 1))
+        fig.tight_layout()
+        fig.canvas.draw()
+        panel = np.asarray(fig.canvas.buffer_rgba()).astype(np.float32) / 255.0
+        plt.close(fig)
+        width = min(stock.shape[1], panel.shape[1])
+        combined = np.concatenate([stock[:, :width, :4] if stock.shape[2] == 4 else
+                                   np.dstack([stock[:, :width], np.ones(stock.shape[:2])[:, :width]]),
+                                   panel[:, :width]], axis=0)
+        plt.imsave(os.path.join(output_folder, "progress.png"), np.clip(combined, 0, 1))
+
+
+def save_buffer_picture(path: Path, label: np.ndarray, q: np.ndarray, n: np.ndarray, title: str) -> None:
+    """Middle slice of one case: label, temporal ensemble (p of the foreground / argmax), visits."""
+    import matplotlib.pyplot as plt
+
+    z = label.shape[0] // 2
+    prob = q[z, ..., 0] if q.shape[-1] == 1 else q[z].argmax(-1) / max(q.shape[-1] - 1, 1)
+    with plt.rc_context({"font.size": 10, "axes.titlesize": 11}):  # nnU-Net's logger sets a huge seaborn scale
+        _draw_panels(path, [label[z], prob, n[z]], title)
+
+
+def _draw_panels(path: Path, images: list[np.ndarray], title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    label, prob, visits = images
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, img, name, vmax in zip(axes, (label, prob, visits), ("label", "temporal ensemble q", "visits"),
+                                   (max(int(label.max()), 1), 1, max(int(visits.max()), 1))):
+        im = ax.imshow(img.astype(np.float32), cmap="gray" if name != "visits" else "viridis", vmin=0, vmax=vmax)
+        ax.set_title(name)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

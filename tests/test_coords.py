@@ -1,0 +1,84 @@
+"""Every voxel of an augmented training patch maps back to its source voxel in the preprocessed
+case, through nnU-Net's own transforms (rotation, scaling, mirroring, dummy-2D)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import inprocess_trainer
+from nnunetv2_dale.coords import crop_coordinates, source_indices
+
+pytestmark = pytest.mark.slow
+
+
+def test_crop_coordinates_mark_padding():
+    coords = crop_coordinates([[-2, 3], [0, 2], [4, 7]], (2, 5, 5))
+    assert coords.shape == (4, 5, 2, 3)
+    valid = coords[3].bool()
+    assert valid[2:4, :, :1].all() and not valid[:2].any() and not valid[4].any() and not valid[..., 1:].any()
+    idx, ok = source_indices(coords, (2, 5, 5))
+    np.testing.assert_array_equal(ok.reshape(5, 2, 3), valid)
+    assert idx.reshape(5, 2, 3)[3, 1, 0] == 1 * 25 + 1 * 5 + 4
+
+
+def _check_mapping(trainer, batches: int = 12) -> tuple[float, float, bool]:
+    """(label agreement on valid voxels, mean image correlation, saw a geometric augmentation)."""
+    trainer.initialize()
+    dl_tr, _ = trainer.get_dataloaders()
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    agree = total = 0
+    correlations = []
+    saw_geometry = False
+    for _ in range(batches):
+        batch = next(dl_tr)
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        for b, key in enumerate(batch["keys"]):
+            data, seg, _, _ = dataset_tr.load_case(key)
+            shape = tuple(data.shape[1:])
+            assert tuple(batch["case_shapes"][b]) == shape
+            idx, valid = source_indices(batch["regression_target"][b], shape)
+            assert valid.float().mean() > 0.3
+            src_label = torch.from_numpy(np.asarray(seg[0]).reshape(-1).astype(np.int64))[idx]
+            aug_label = target[b, 0].reshape(-1).long()
+            agree += int((src_label[valid] == aug_label[valid]).sum())
+            total += int(valid.sum())
+            src_img = torch.from_numpy(np.asarray(data[0]).reshape(-1).astype(np.float32))[idx][valid]
+            aug_img = batch["data"][b, 0].reshape(-1)[valid]
+            correlations.append(float(torch.corrcoef(torch.stack([src_img, aug_img]))[0, 1]))
+            # a rotated/scaled patch has non-integer source coordinates somewhere
+            frac = (batch["regression_target"][b, :3] - batch["regression_target"][b, :3].round()).abs()
+            saw_geometry |= bool(frac.max() > 0.05)
+    return agree / total, float(np.mean(correlations)), saw_geometry
+
+
+@pytest.mark.parametrize("which", ["2d", "3d_fullres", "dummy2d"])
+def test_augmented_patches_map_to_source_voxels(which, request, monkeypatch):
+    fixture, configuration = {"2d": ("tiny2d", "2d"), "3d_fullres": ("tiny3d", "3d_fullres"),
+                              "dummy2d": ("aniso3d", "3d_fullres")}[which]
+    tree, did, _ = request.getfixturevalue(fixture)
+    trainer = inprocess_trainer(tree, did, configuration, monkeypatch)
+    if which == "dummy2d":
+        assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1], "expected dummy-2D DA"
+    agreement, correlation, saw_geometry = _check_mapping(trainer)
+    print(f"{which}: label agreement {agreement:.4f}, image correlation {correlation:.3f}")
+    assert agreement >= 0.99, agreement
+    assert correlation > 0.8, correlation  # intensity augmentation changes values, not where they come from
+    assert saw_geometry, "no rotation/scaling sampled: the test would not exercise interpolation"
+
+
+def test_mismatched_mapping_is_detected(tiny2d, monkeypatch):
+    """Control: the same statistics with shuffled source indices are far from passing."""
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch)
+    trainer.initialize()
+    dl_tr, _ = trainer.get_dataloaders()
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    batch = next(dl_tr)
+    key = batch["keys"][0]
+    data, seg, _, _ = dataset_tr.load_case(key)
+    idx, valid = source_indices(batch["regression_target"][0], tuple(data.shape[1:]))
+    shuffled = idx[torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(0))]
+    src_img = torch.from_numpy(np.asarray(data[0]).reshape(-1).astype(np.float32))[shuffled][valid]
+    aug_img = batch["data"][0, 0].reshape(-1)[valid]
+    assert abs(float(torch.corrcoef(torch.stack([src_img, aug_img]))[0, 1])) < 0.3
