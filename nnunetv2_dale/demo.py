@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-train", type=int, default=60)
     p.add_argument("--num-test", type=int, default=20)
     p.add_argument("--size", type=int, default=64, help="phantom edge length in pixels")
-    p.add_argument("--epochs", type=int, default=20, choices=(1, 2, 5, 10, 20, 50, 100, 250, 500),
+    p.add_argument("--epochs", type=int, default=20, choices=(1, 2, 3, 5, 10, 20, 50, 100, 250, 500),
                    help="selects the length variant nnUNetTrainerDALE_<N>epochs")
     p.add_argument("--iters", type=int, default=25, help="training iterations per epoch (nnUNet_DALE_iters)")
     p.add_argument("--seed", type=int, default=0)

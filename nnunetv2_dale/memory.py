@@ -173,9 +173,22 @@ class ConfidenceMemory:
         n = np.fromfile(self._n_path(folder, key), dtype=np.uint8).reshape(shape)
         return q, n
 
-    def take_epoch_stats(self) -> EpochStats:
+    def finish_epoch(self, ddp: bool = False) -> tuple[float, list[float], int]:
+        """Close the epoch's statistics: (fraction of voxels visited so far, mean label confidence
+        per class over this epoch's updated voxels, patches skipped for non-finite output).
+
+        Under DDP the sums are all-reduced first, so every rank reports the same global figures.
+        """
         stats, self.stats = self.stats, EpochStats(self.num_classes)
-        return stats
+        packed = torch.tensor([stats.newly_visited, stats.skipped_nonfinite, *stats.conf_sum, *stats.conf_cnt],
+                              dtype=torch.float64)
+        if ddp:
+            torch.distributed.all_reduce(packed)
+        k = self.num_classes
+        sums, counts = packed[2:2 + k], packed[2 + k:]
+        self.visited_voxels += int(packed[0])
+        confidence = [float(s / c) if c > 0 else float("nan") for s, c in zip(sums, counts)]
+        return self.visited_voxels / max(self.total_voxels, 1), confidence, int(packed[1])
 
     # ----------------------------------------------------------- persistence
     def snapshot_dir(self, epoch: int) -> Path:

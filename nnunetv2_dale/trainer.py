@@ -190,22 +190,13 @@ class nnUNetTrainerDALE(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         if self.memory is None:
             return
-        stats = self.memory.take_epoch_stats()
-        packed = torch.tensor([stats.newly_visited, stats.skipped_nonfinite, *stats.conf_sum, *stats.conf_cnt],
-                              dtype=torch.float64)
-        if self.is_ddp:
-            dist.all_reduce(packed)
-        k = self.memory.num_classes
-        newly, skipped, sums, counts = packed[0], packed[1], packed[2:2 + k], packed[2 + k:]
-        self.memory.visited_voxels += int(newly)
-        visited = self.memory.visited_voxels / max(self.memory.total_voxels, 1)
-        confidence = [float(s / c) if c > 0 else float("nan") for s, c in zip(sums, counts)]
+        visited, confidence, skipped = self.memory.finish_epoch(self.is_ddp)
         self.logger.log("dale_visited_fraction", visited, self.current_epoch)
         self.logger.log("dale_mean_confidence", confidence, self.current_epoch)
         self.print_to_log_file(
             f"DALE memory: {visited:.1%} of voxels visited; mean label confidence per class (voxels seen this "
             f"epoch): {', '.join(f'{c:.3f}' for c in confidence)}"
-            + (f"; {int(skipped)} patches with non-finite output skipped" if skipped else ""))
+            + (f"; {skipped} patches with non-finite network output skipped (memory not updated)" if skipped else ""))
         if self.local_rank == 0 and (self.current_epoch % self.dale_picture_every == 0
                                      or self.current_epoch == self.num_epochs - 1):
             self._save_picture()

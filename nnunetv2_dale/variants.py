@@ -10,6 +10,10 @@ class nnUNetTrainerDALE_2epochs(nnUNetTrainerDALE):
     epochs = 2
 
 
+class nnUNetTrainerDALE_3epochs(nnUNetTrainerDALE):
+    epochs = 3
+
+
 class nnUNetTrainerDALE_5epochs(nnUNetTrainerDALE):
     epochs = 5
 

@@ -3,6 +3,7 @@ through nnU-Net's real command line, and a clean environment for child processes
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,27 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = 600, check: bool =
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def train_until_killed(cmd: list[str], env: dict[str, str], marker: str, occurrence: int = 1,
+                       timeout: float = 300) -> str:
+    """Start training, SIGKILL its whole process group when ``marker`` is printed for the
+    ``occurrence``-th time; return the output."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}  # see the marker when it is printed, not at exit
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line and sum(marker in s for s in seen) == occurrence:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+    return "".join(seen)
 
 
 class NNUNetTree:

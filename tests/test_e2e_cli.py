@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,29 +12,10 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
-from conftest import run, tool
+from conftest import run, tool, train_until_killed
 
 pytestmark = pytest.mark.slow
 BUDGET = {"nnUNet_DALE_iters": "2", "nnUNet_DALE_val_iters": "1", "nnUNet_DALE_save_every": "1"}
-
-
-def train_until_killed(cmd: list[str], env: dict[str, str], marker: str, timeout: float = 300) -> str:
-    """Start training, SIGKILL its whole process group once ``marker`` is printed; return the output."""
-    env = {**env, "PYTHONUNBUFFERED": "1"}  # see the marker when it is printed, not at exit
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    seen = []
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            seen.append(line)
-            if marker in line:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        proc.wait(timeout=timeout)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
-    return "".join(seen)
 
 
 def test_2d_train_kill_continue_val_predict_find_best(tiny2d, tmp_path):

@@ -1,0 +1,182 @@
+"""The confidence memory: scatter-mean + EMA semantics, saturation, non-finite outputs, snapshots
+stamped by epoch, refusal of foreign buffers, disk and RAM footprint, and DDP on gloo."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label
+
+IDENTITY = {"dataset": "Dataset900_X", "plans": "nnUNetPlans", "configuration": "2d", "fold": 0}
+SHAPES = {"case_a": (1, 4, 5), "case_b": (2, 3, 3)}
+
+
+def make_memory(folder, num_classes=2, shapes=SHAPES, identity=IDENTITY) -> ConfidenceMemory:
+    mem = ConfidenceMemory(folder, shapes, num_classes, identity, ema_min_weight=0.2)
+    return mem
+
+
+def probs_fg(values) -> torch.Tensor:
+    v = torch.tensor(values, dtype=torch.float32)
+    return torch.stack([1 - v, v], 1)
+
+
+def test_scatter_mean_then_ema(tmp_path):
+    mem = make_memory(tmp_path)
+    mem.reset()
+    # two patch voxels map to source voxel 3 (0.2 and 0.6), one to voxel 7 (0.9)
+    mem.update("case_a", torch.tensor([3, 3, 7]), probs_fg([0.2, 0.6, 0.9]), torch.tensor([1, 1, 0]))
+    q, n = mem.read("case_a", torch.tensor([3, 7, 0]))
+    np.testing.assert_allclose(q[:, 0].numpy(), [0.4, 0.9, 0.0], atol=1e-3)
+    np.testing.assert_array_equal(n.numpy(), [1, 1, 0])
+    mem.update("case_a", torch.tensor([3]), probs_fg([1.0]), torch.tensor([1]))
+    q, n = mem.read("case_a", torch.tensor([3]))
+    assert q[0, 0] == pytest.approx(0.5 * 0.4 + 0.5 * 1.0, abs=1e-3) and n[0] == 2  # weight 1/(n+1) = 0.5
+    for _ in range(10):
+        mem.update("case_a", torch.tensor([3]), probs_fg([0.0]), torch.tensor([1]))
+    q, n = mem.read("case_a", torch.tensor([3]))
+    # weights 1/3, 1/4, then the floor 0.2 for the remaining 8 visits: q follows the recent softmax
+    assert q[0, 0] == pytest.approx(0.7 * (2 / 3) * (3 / 4) * 0.8 ** 8, abs=2e-3) and n[0] == 12
+    visited, confidence, skipped = mem.finish_epoch()
+    assert visited == pytest.approx(2 / (20 + 18)) and skipped == 0
+    assert confidence[0] == pytest.approx(1 - 0.9, abs=1e-3)  # voxel 7, label 0: q(bg) = 0.1
+
+
+def test_visit_count_saturates_and_nonfinite_is_skipped(tmp_path):
+    mem = make_memory(tmp_path)
+    mem.reset()
+    for _ in range(300):
+        mem.update("case_b", torch.tensor([0]), probs_fg([0.5]), torch.tensor([0]))
+    _, n = mem.read("case_b", torch.tensor([0]))
+    assert n[0] == 255
+    before = mem.case_arrays("case_b")
+    mem.update("case_b", torch.tensor([1, 2]), probs_fg([float("nan"), 0.3]), torch.tensor([0, 0]))
+    after = mem.case_arrays("case_b")
+    np.testing.assert_array_equal(before[0], after[0])
+    assert mem.finish_epoch()[2] == 1
+
+
+def test_multiclass_channels_and_agreement(tmp_path):
+    mem = make_memory(tmp_path, num_classes=3)
+    mem.reset()
+    p = torch.tensor([[0.1, 0.7, 0.2], [0.6, 0.3, 0.1]])
+    mem.update("case_a", torch.tensor([0, 1]), p, torch.tensor([1, 2]))
+    q, _ = mem.read("case_a", torch.tensor([0, 1]))
+    assert q.shape == (2, 3)
+    np.testing.assert_allclose(agreement_with_label(q, torch.tensor([1, 2]), 3).numpy(), [0.7, 0.1], atol=1e-3)
+
+
+def test_disk_footprint_and_no_resident_mappings(tmp_path):
+    for k in (2, 4):
+        mem = make_memory(tmp_path / f"k{k}", num_classes=k)
+        mem.reset()
+        voxels = sum(int(np.prod(s)) for s in SHAPES.values())
+        size = sum(f.stat().st_size for f in mem.live.iterdir() if f.suffix in (".f16", ".u8"))
+        channels = 1 if k == 2 else k
+        assert size == (2 * channels + 1) * voxels
+        mem.update("case_a", torch.tensor([1]), torch.full((1, k), 1 / k), torch.tensor([0]))
+        with open("/proc/self/maps") as f:
+            assert str(mem.live) not in f.read(), "buffers must not stay mapped between updates"
+
+
+def test_snapshot_restore_and_refusals(tmp_path):
+    mem = make_memory(tmp_path)
+    mem.reset()
+    mem.update("case_a", torch.tensor([0, 1]), probs_fg([0.9, 0.8]), torch.tensor([1, 1]))
+    mem.finish_epoch()
+    mem.snapshot(3)
+    at_checkpoint = mem.case_arrays("case_a")
+    mem.update("case_a", torch.tensor([0, 5]), probs_fg([0.1, 0.1]), torch.tensor([1, 1]))  # after the checkpoint
+    assert not np.array_equal(mem.case_arrays("case_a")[1], at_checkpoint[1])
+
+    fresh = make_memory(tmp_path)
+    fresh.restore(3, "checkpoint_latest.pth")
+    for got, want in zip(fresh.case_arrays("case_a"), at_checkpoint):
+        np.testing.assert_array_equal(got, want)
+    assert fresh.visited_voxels == 2
+
+    with pytest.raises(MemoryMismatchError, match="epoch 4"):
+        fresh.restore(4, "checkpoint_latest.pth")
+    with pytest.raises(MemoryMismatchError, match="belong to"):
+        make_memory(tmp_path, identity={**IDENTITY, "fold": 1}).restore(3, "checkpoint_latest.pth")
+    with pytest.raises(MemoryMismatchError, match="training cases"):
+        make_memory(tmp_path, shapes={"case_a": (1, 4, 5)}).restore(3, "checkpoint_latest.pth")
+    manifest = mem.snapshot_dir(3) / "manifest.json"
+    content = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**content, "epoch": 2}))
+    with pytest.raises(MemoryMismatchError, match="epoch stamp 2"):
+        fresh.restore(3, "checkpoint_latest.pth")
+
+
+def test_snapshot_replaces_stale_copy_and_prune(tmp_path):
+    old = make_memory(tmp_path)
+    old.reset()
+    old.update("case_a", torch.tensor([0]), probs_fg([0.9]), torch.tensor([1]))
+    old.snapshot(5)  # written by a run that later crashed, then was resumed from an older checkpoint
+    new = make_memory(tmp_path)
+    new.reset()
+    new.snapshot(5)
+    assert new.case_arrays("case_a", new.snapshot_dir(5))[1].max() == 0, "a stale snapshot must be replaced"
+    new.snapshot(7)
+    new.prune({7})
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("snap")) == ["snapshot_epoch_0007"]
+
+
+# ----------------------------------------------------------------------------- DDP (gloo, CPU)
+UPDATES = {  # rank -> (case, indices, p_fg, labels); ranks touch disjoint voxels of a shared case
+    0: [("case_a", [0, 1, 2], [0.9, 0.8, 0.1], [1, 1, 0]), ("case_b", [0, 1], [0.2, 0.3], [0, 0])],
+    1: [("case_a", [3, 4, 4], [0.6, 0.2, 0.4], [1, 0, 0]), ("case_b", [5], [0.7], [1])],
+}
+
+
+def _apply(mem: ConfidenceMemory, updates) -> None:
+    for case, idx, p, lab in updates:
+        mem.update(case, torch.tensor(idx), probs_fg(p), torch.tensor(lab))
+
+
+def _ddp_worker(rank: int, world: int, folder: str, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mem = make_memory(folder)
+        if rank == 0:
+            mem.reset()
+        dist.barrier()
+        _apply(mem, UPDATES[rank])
+        dist.barrier()
+        result = mem.finish_epoch(ddp=True)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo_two_processes_match_single_process(tmp_path):
+    ref = make_memory(tmp_path / "single")
+    ref.reset()
+    _apply(ref, UPDATES[0] + UPDATES[1])
+    expected = ref.finish_epoch()
+
+    folder, out = tmp_path / "ddp", tmp_path / "out"
+    out.mkdir()
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, str(folder), port, str(out)), nprocs=2, join=True)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results[0] == results[1], "every rank must report the same all-reduced statistics"
+    assert results[0][0] == pytest.approx(expected[0]) and results[0][2] == expected[2]
+    np.testing.assert_allclose(results[0][1], expected[1], atol=1e-6)
+    ddp_mem = make_memory(folder)
+    for case in SHAPES:
+        for got, want in zip(ddp_mem.case_arrays(case), ref.case_arrays(case)):
+            np.testing.assert_array_equal(got, want)
