@@ -22,7 +22,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_dale import __version__
 from nnunetv2_dale.coords import source_indices, training_loader_with_coordinates
-from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, write_json_atomic
+from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label, write_json_atomic
 from nnunetv2_dale.preflight import SetupError, check_path_variables, check_preprocessed, check_writable
 from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
 
@@ -185,6 +185,24 @@ class nnUNetTrainerDALE(nnUNetTrainer):
                 valid &= labels != ignore
             p = probs[b].reshape(probs.shape[1], -1).T
             self.memory.update(key, index[valid], p[valid], labels[valid])
+
+    @torch.no_grad()
+    def patch_confidence(self, batch: dict) -> list[torch.Tensor]:
+        """Per-voxel label confidence q[y] for the batch's augmented patches, one tensor per deep
+        supervision output (full resolution first), each shaped like its target; NaN where the
+        voxel is padding or was never visited. Lower resolutions are downsampled like nnU-Net
+        downsamples targets (nearest-exact)."""
+        targets = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
+        full = targets[0]
+        conf = torch.full(full.shape, float("nan"), dtype=torch.float32)
+        for b, key in enumerate(batch["keys"]):
+            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
+            q, visits = self.memory.read(key, index)
+            agreement = agreement_with_label(q, full[b].reshape(-1).long(), self.memory.num_classes)
+            agreement[~valid | (visits == 0)] = float("nan")
+            conf[b] = agreement.reshape(full.shape[1:])
+        return [conf if t.shape == conf.shape else
+                torch.nn.functional.interpolate(conf, t.shape[2:], mode="nearest-exact") for t in targets]
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)

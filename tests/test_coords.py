@@ -82,3 +82,26 @@ def test_mismatched_mapping_is_detected(tiny2d, monkeypatch):
     src_img = torch.from_numpy(np.asarray(data[0]).reshape(-1).astype(np.float32))[shuffled][valid]
     aug_img = batch["data"][0, 0].reshape(-1)[valid]
     assert abs(float(torch.corrcoef(torch.stack([src_img, aug_img]))[0, 1])) < 0.3
+
+
+def test_patch_confidence_is_aligned_with_augmented_target(tiny2d, monkeypatch):
+    """Fill the memory with each case's own label (q = p(foreground) = label): read back through
+    the coordinate maps, the confidence q[y] of the augmented target must be 1 almost everywhere,
+    at every deep-supervision resolution."""
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch, nnUNet_DALE_iters="1")
+    trainer.on_train_start()
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    for key, shape in trainer.memory.case_shapes.items():
+        seg = torch.from_numpy(np.asarray(dataset_tr.load_case(key)[1][0]).reshape(-1).astype(np.float32))
+        everything = torch.arange(seg.numel())
+        trainer.memory.update(key, everything, torch.stack([1 - seg, seg], 1), seg.long())
+    for _ in range(4):
+        batch = next(trainer.dataloader_train)
+        maps = trainer.patch_confidence(batch)
+        assert [m.shape for m in maps] == [t.shape for t in batch["target"]]
+        known = ~torch.isnan(maps[0])
+        assert known.float().mean() > 0.3
+        assert (maps[0][known] > 0.99).float().mean() >= 0.99
+        low = torch.nn.functional.interpolate(maps[0], batch["target"][1].shape[2:], mode="nearest-exact")
+        torch.testing.assert_close(maps[1], low, equal_nan=True)

@@ -52,6 +52,10 @@ def test_kill_resume_restores_checkpoint_buffers(tiny2d, monkeypatch):
     final = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 3
     assert set(final) == STOCK_CHECKPOINT_KEYS, "checkpoints carry no buffers (inference loads them)"
+    visited = final["logging"]["dale_visited_fraction"]
+    confidence = final["logging"]["dale_mean_confidence"]
+    assert len(visited) == len(confidence) == 3 and visited == sorted(visited) and visited[-1] > 0.5
+    assert all(len(c) == 2 and all(0 <= v <= 1 for v in c) for c in confidence)
     assert (memory / "snapshot_epoch_0003" / "manifest.json").exists()
     assert not (fold / "checkpoint_latest.pth").exists()
     referenced = {p.name for p in memory.glob("snapshot_epoch_*")}

@@ -1,0 +1,138 @@
+"""Cost of DALE's confidence memory: nnU-Net baseline vs nnUNetTrainerDALE on the same batches.
+
+Prints (not a test):
+- median seconds per training iteration of ``nnUNetTrainer.train_step`` and
+  ``nnUNetTrainerDALE.train_step`` (forward, loss, backward, step, and for DALE the memory update),
+  run interleaved in ONE process on the SAME batches, alternating which goes first, and their ratio;
+- peak RSS of a separate training process per trainer and per dataset size (so one can see that
+  DALE's RAM does not grow with the number of cases);
+- buffer bytes per voxel on disk.
+
+Usage (2 CPU cores: a few minutes):
+    python benchmarks/memory_cost.py [--workdir DIR] [--size 64] [--cases 40 160] [--iters 40]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+
+
+def prepare(workdir: Path, cases: int, size: int, dataset_id: int) -> dict[str, str]:
+    from nnunetv2_dale.noise import NoiseSpec
+    from nnunetv2_dale.phantoms import make_phantom_dataset
+
+    env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}  # 0 breaks preprocessing
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        env[name] = str(workdir / name)
+        (workdir / name).mkdir(parents=True, exist_ok=True)
+    raw = workdir / "nnUNet_raw" / f"Dataset{dataset_id}_Bench{cases}"
+    if not (workdir / "nnUNet_preprocessed" / raw.name / "nnUNetPlans_2d").is_dir():
+        make_phantom_dataset(raw, 2, size, cases, 1, NoiseSpec(), seed=dataset_id)
+        subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id),
+                        "-c", "2d", "-np", "2"], env=env, check=True, capture_output=True)
+    return {**env, "nnUNet_n_proc_DA": "0"}
+
+
+def make_trainer(name: str, dataset_id: int):
+    import torch
+    from nnunetv2.run.run_training import get_trainer_from_args
+
+    trainer = get_trainer_from_args(str(dataset_id), "2d", 0, name, device=torch.device("cpu"))
+    trainer.on_train_start()  # initialize, data loaders (in-process), and for DALE the fresh memory
+    return trainer
+
+
+def timing(dataset_id: int, iters: int, warmup: int) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    base = make_trainer("nnUNetTrainer", dataset_id)
+    torch.manual_seed(0)
+    dale = make_trainer("nnUNetTrainerDALE", dataset_id)
+    times = {"nnUNetTrainer": [], "nnUNetTrainerDALE": []}
+    for i in range(warmup + iters):
+        batch = next(dale.dataloader_train)  # has the coordinate maps; the baseline ignores them
+        order = [(base, "nnUNetTrainer"), (dale, "nnUNetTrainerDALE")]
+        for trainer, name in (order if i % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            trainer.train_step(batch)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    files = list(dale.memory.live.glob("*.f16")) + list(dale.memory.live.glob("*.n.u8"))
+    bytes_per_voxel = sum(f.stat().st_size for f in files) / dale.memory.total_voxels
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"median_s": med, "ratio": med["nnUNetTrainerDALE"] / med["nnUNetTrainer"],
+            "bytes_per_voxel": bytes_per_voxel, "batch_size": dale.batch_size,
+            "patch_size": list(dale.configuration_manager.patch_size), "iters": iters}
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def peak_rss(trainer_name: str, dataset_id: int, iters: int) -> dict[str, float]:
+    """Run ``iters`` training steps in a fresh process. Returns the process's peak RSS over its
+    whole life (dominated by imports and set-up) and the peak during the training steps alone
+    (Linux: VmHWM reset through /proc/self/clear_refs after set-up), in MiB."""
+    trainer = make_trainer(trainer_name, dataset_id)
+    trainer.train_step(next(trainer.dataloader_train))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS watermark
+    for _ in range(iters):
+        trainer.train_step(next(trainer.dataloader_train))
+    return {"process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "training": _status_mib("VmHWM")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", default="bench_memory_work")
+    p.add_argument("--size", type=int, default=96)
+    p.add_argument("--cases", type=int, nargs="+", default=[40, 160])
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rss-child", nargs=2, metavar=("TRAINER", "DATASET_ID"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")  # batches are made in this process: timing is train_step only
+    os.environ.setdefault("nnUNet_def_n_proc", "1")
+
+    if args.rss_child:
+        print(json.dumps(peak_rss(args.rss_child[0], int(args.rss_child[1]), args.iters)))
+        return
+
+    workdir = Path(args.workdir).resolve()
+    ids = {n: 950 + i for i, n in enumerate(args.cases)}
+    envs = {n: prepare(workdir, n, args.size, ids[n]) for n in args.cases}
+    os.environ.update({k: v for k, v in envs[args.cases[0]].items() if k.startswith("nnUNet_")})
+    result = {"timing": timing(ids[args.cases[0]], args.iters, args.warmup), "peak_rss_mib": {}}
+    for n in args.cases:
+        for name in ("nnUNetTrainer", "nnUNetTrainerDALE"):
+            out = subprocess.run([sys.executable, str(HERE), "--workdir", str(workdir), "--iters", str(args.iters),
+                                  "--rss-child", name, str(ids[n])], env=envs[n], capture_output=True, text=True,
+                                 check=True).stdout
+            result["peak_rss_mib"][f"{name} @ {n} cases"] = json.loads(out.strip().splitlines()[-1])
+    t = result["timing"]
+    print(f"\n2D phantoms {args.size}x{args.size}, patch {t['patch_size']}, batch {t['batch_size']}, "
+          f"{t['iters']} interleaved iterations on the same batches (CPU):")
+    for name, sec in t["median_s"].items():
+        print(f"  {name:20s} median {sec * 1000:8.1f} ms/iteration")
+    print(f"  ratio DALE / baseline: {t['ratio']:.3f}   (goal <= 1.05)")
+    print(f"  buffer bytes per voxel on disk: {t['bytes_per_voxel']:.2f}")
+    print("peak RSS (MiB): whole process | during the training steps")
+    for k, v in result["peak_rss_mib"].items():
+        print(f"  {k:36s} {v['process']:8.0f} | {v['training']:8.0f}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
