@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunetv2_dale.rsets import N_BINS, histogram, loss_signal
+
 MANIFEST = "manifest.json"
 MAX_COUNT = 255
 
@@ -40,10 +42,12 @@ class EpochStats:
     conf_sum: np.ndarray = field(default=None)  # type: ignore[assignment]
     conf_cnt: np.ndarray = field(default=None)  # type: ignore[assignment]
     skipped_nonfinite: int = 0
+    loss_hist: np.ndarray = field(default=None)  # type: ignore[assignment]  # (K, N_BINS) of l = -log q[y]
 
     def __post_init__(self) -> None:
         self.conf_sum = np.zeros(self.num_classes, dtype=np.float64)
         self.conf_cnt = np.zeros(self.num_classes, dtype=np.float64)
+        self.loss_hist = np.zeros((self.num_classes, N_BINS), dtype=np.float64)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -87,9 +91,10 @@ class ConfidenceMemory:
     def _n_path(self, folder: Path, key: str) -> Path:
         return folder / f"{key}.n.u8"
 
-    def manifest(self, epoch: int | None) -> dict:
+    def manifest(self, epoch: int | None, extra: dict | None = None) -> dict:
         return {"epoch": epoch, "identity": self.identity, "channels": self.channels,
-                "cases": {k: list(v) for k, v in self.case_shapes.items()}, "visited_voxels": self.visited_voxels}
+                "cases": {k: list(v) for k, v in self.case_shapes.items()}, "visited_voxels": self.visited_voxels,
+                "extra": extra or {}}
 
     def reset(self) -> None:
         """Fresh, empty buffers (sparse files: disk is used only where voxels get visited)."""
@@ -153,6 +158,9 @@ class ConfidenceMemory:
         self.stats.newly_visited += int((old_n == 0).sum())
         agreement = agreement_with_label(torch.from_numpy(new_q)[inverse], labels, self.num_classes)
         lab = labels.numpy()
+        losses = loss_signal(agreement)
+        for k in range(self.num_classes):
+            self.stats.loss_hist[k] += histogram(losses[labels == k])
         self.stats.conf_sum += np.bincount(lab, weights=agreement.numpy(), minlength=self.num_classes)[: self.num_classes]
         self.stats.conf_cnt += np.bincount(lab, minlength=self.num_classes)[: self.num_classes]
 
@@ -173,28 +181,30 @@ class ConfidenceMemory:
         n = np.fromfile(self._n_path(folder, key), dtype=np.uint8).reshape(shape)
         return q, n
 
-    def finish_epoch(self, ddp: bool = False) -> tuple[float, list[float], int]:
+    def finish_epoch(self, ddp: bool = False) -> tuple[float, list[float], int, np.ndarray]:
         """Close the epoch's statistics: (fraction of voxels visited so far, mean label confidence
-        per class over this epoch's updated voxels, patches skipped for non-finite output).
+        per class over this epoch's updated voxels, patches skipped for non-finite output,
+        per-class histogram of the loss signal l = -log q[y] of those voxels, shape (K, bins)).
 
         Under DDP the sums are all-reduced first, so every rank reports the same global figures.
         """
         stats, self.stats = self.stats, EpochStats(self.num_classes)
-        packed = torch.tensor([stats.newly_visited, stats.skipped_nonfinite, *stats.conf_sum, *stats.conf_cnt],
-                              dtype=torch.float64)
+        k = self.num_classes
+        packed = torch.tensor(np.concatenate([[stats.newly_visited, stats.skipped_nonfinite], stats.conf_sum,
+                                              stats.conf_cnt, stats.loss_hist.ravel()]), dtype=torch.float64)
         if ddp:
             torch.distributed.all_reduce(packed)
-        k = self.num_classes
-        sums, counts = packed[2:2 + k], packed[2 + k:]
+        sums, counts = packed[2:2 + k], packed[2 + k:2 + 2 * k]
         self.visited_voxels += int(packed[0])
         confidence = [float(s / c) if c > 0 else float("nan") for s, c in zip(sums, counts)]
-        return self.visited_voxels / max(self.total_voxels, 1), confidence, int(packed[1])
+        hist = packed[2 + 2 * k:].numpy().reshape(k, N_BINS)
+        return self.visited_voxels / max(self.total_voxels, 1), confidence, int(packed[1]), hist
 
     # ----------------------------------------------------------- persistence
     def snapshot_dir(self, epoch: int) -> Path:
         return self.root / f"snapshot_epoch_{epoch:04d}"
 
-    def snapshot(self, epoch: int) -> Path:
+    def snapshot(self, epoch: int, extra: dict | None = None) -> Path:
         """Copy the live buffers to the snapshot for ``epoch`` (atomic: tmp folder + rename).
 
         Within one process, a second call for the same epoch (nnU-Net may write checkpoint_best
@@ -212,7 +222,7 @@ class ConfidenceMemory:
                 shutil.copyfile(path_fn(self.live, key), path_fn(tmp, key))
                 with open(path_fn(tmp, key), "rb+") as f:
                     os.fsync(f.fileno())
-        write_json_atomic(tmp / MANIFEST, self.manifest(epoch))
+        write_json_atomic(tmp / MANIFEST, self.manifest(epoch, extra))
         _fsync_dir(tmp)
         stale = self.root / f".{target.name}.stale"
         shutil.rmtree(stale, ignore_errors=True)
@@ -224,8 +234,9 @@ class ConfidenceMemory:
         self._snapshot_written = epoch
         return target
 
-    def restore(self, epoch: int, checkpoint_name: str) -> None:
-        """Make the snapshot stamped ``epoch`` the live buffers; refuse anything that does not match."""
+    def restore(self, epoch: int, checkpoint_name: str) -> dict:
+        """Make the snapshot stamped ``epoch`` the live buffers; refuse anything that does not match.
+        Returns the ``extra`` state stored with the snapshot (mixtures, feature statistics)."""
         source = self.snapshot_dir(epoch)
         manifest_file = source / MANIFEST
         if not manifest_file.is_file():
@@ -253,6 +264,7 @@ class ConfidenceMemory:
         shutil.copytree(source, tmp)
         self._swap_in(tmp)
         self.visited_voxels = int(manifest.get("visited_voxels", 0))
+        return manifest.get("extra", {})
 
     def prune(self, keep_epochs: set[int]) -> None:
         """Delete snapshots whose epoch no existing checkpoint refers to (and stale temporaries)."""

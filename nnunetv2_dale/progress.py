@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
-DALE_KEYS = ("dale_visited_fraction", "dale_mean_confidence")
+DALE_KEYS = ("dale_visited_fraction", "dale_mean_confidence", "dale_phase", "dale_reliable_fraction",
+             "dale_fuzzy_fraction", "dale_align_loss")
 
 
 class DALELocalLogger(LocalLogger):
@@ -44,6 +45,15 @@ class DALELocalLogger(LocalLogger):
         per_class = np.array([c for c in confidence], dtype=float).reshape(len(confidence), -1)
         for k in range(per_class.shape[1]):
             ax.plot(x, per_class[:, k], ls="--", linewidth=3, label=f"mean label confidence, class {k}")
+        log = self.my_fantastic_logging
+        ax.plot(x, log["dale_reliable_fraction"][:len(x)], color="g", linewidth=3, label="reliable membership (mean)")
+        ax.plot(x, log["dale_fuzzy_fraction"][:len(x)], color="r", linewidth=3, label="fuzzy membership (mean)")
+        ax.step(x, [p / 3 for p in log["dale_phase"][:len(x)]], color="gray", where="mid",
+                label="phase (0 warm-up, 1/3 stable, 2/3 fuzzy, 1 joint)")
+        ax2 = ax.twinx()
+        ax2.plot(x, log["dale_align_loss"][:len(x)], color="m", ls=":", linewidth=3, label="alignment loss")
+        ax2.set_ylabel("alignment loss")
+        ax2.legend(loc=(0.5, 1))
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1.02)
         ax.legend(loc=(0, 1))

@@ -1,9 +1,12 @@
-"""``nnUNetTrainerDALE``: nnU-Net's trainer plus DALE's per-voxel label-confidence memory.
+"""``nnUNetTrainerDALE``: nnU-Net's trainer with DALE's label-confidence memory and objective.
 
-Status: the memory (temporal ensemble of the softmax per training voxel, following nnU-Net's
-augmentation through coordinate maps, persisted with every checkpoint) is in place and logged.
-The loss is still nnU-Net's stock Dice+CE: the DALE objective that will use the memory
-(reliable/fuzzy sets, alternation, distribution alignment) is not implemented yet.
+- Memory: a temporal ensemble of the softmax per training voxel, following nnU-Net's augmentation
+  through coordinate maps, persisted with every checkpoint (``memory.py``, ``coords.py``).
+- Objective (``rsets.py``, ``loss.py``, ``alignment.py``, ``schedule.py``): warm-up with the stock
+  loss; then stable phases (Dice+CE weighted per voxel by the label confidence omega from a
+  per-class two-component mixture on the loss-consistency signal) alternate with fuzzy phases
+  (collaborative soft target + distribution alignment of fuzzy-region decoder features to the
+  reliable-region statistics). See docs/method.md.
 
 DDP design: every rank updates the buffers of the cases in its own batches (the buffers are files
 in the fold folder, shared by all ranks of a node); the per-epoch statistics (newly visited voxels,
@@ -21,7 +24,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_dale import __version__
+from nnunetv2_dale.alignment import FeatureAlignment
 from nnunetv2_dale.coords import source_indices, training_loader_with_coordinates
+from nnunetv2_dale.loss import DALELoss, sharpen
+from nnunetv2_dale.rsets import Mixture, entropy_signal, fit_mixture, loss_signal
+from nnunetv2_dale.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
 from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label, write_json_atomic
 from nnunetv2_dale.preflight import SetupError, check_path_variables, check_preprocessed, check_writable
 from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
@@ -47,9 +54,18 @@ def _positive_int_from_env(name: str) -> int | None:
 
 
 class nnUNetTrainerDALE(nnUNetTrainer):
-    """nnU-Net trainer for noisy labels (DALE). Loss: nnU-Net's stock Dice+CE (for now).
+    """nnU-Net trainer for noisy labels (DALE).
 
-    Hyperparameters (instance attributes, set in ``__init__``):
+    Hyperparameters (instance attributes, set in ``__init__``; defaults are ours, see docs/method.md):
+
+    - ``dale_warmup_fraction`` (0.1): share of epochs trained with the stock loss first.
+    - ``dale_phase_period`` (1): epochs per stable/fuzzy block.
+    - ``dale_min_visits`` (3): voxels visited fewer times keep omega = 1.
+    - ``dale_sharpen_temperature`` (0.5): temperature of sharpen(q) in the collaborative target.
+    - ``dale_align_weight`` (0.1): lambda, the maximum weight of the alignment term, reached after a
+      linear ramp over ``dale_align_rampup_fraction`` (0.2) of the post-warm-up epochs.
+    - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
+      off by the ablation variants.
 
     - ``dale_ema_min_weight`` (0.2): floor of the weight of a new visit in the temporal ensemble;
       the first visits are averaged (weight 1/(n+1)), later ones weighted at least this much, so q
@@ -66,6 +82,9 @@ class nnUNetTrainerDALE(nnUNetTrainer):
     """
 
     epochs: int = 1000  # nnU-Net's default; copied to ``self.num_epochs``
+    use_confidence: bool = True  # class-level switches of the ablation variants, copied in __init__
+    use_alternation: bool = True
+    use_alignment: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -88,12 +107,25 @@ class nnUNetTrainerDALE(nnUNetTrainer):
                 "-tr nnUNetTrainer, or convert it to plain labels.")
         self.dale_ema_min_weight = 0.2
         self.dale_picture_every = 10
+        self.dale_warmup_fraction = 0.1
+        self.dale_phase_period = 1
+        self.dale_min_visits = 3
+        self.dale_sharpen_temperature = 0.5
+        self.dale_align_weight = 0.1
+        self.dale_align_rampup_fraction = 0.2
+        self.dale_use_confidence = self.use_confidence
+        self.dale_use_alternation = self.use_alternation
+        self.dale_use_alignment = self.use_alignment
+        self.mixtures: list[Mixture] = [Mixture() for _ in self.label_manager.all_labels]
+        self.alignment = FeatureAlignment(len(self.label_manager.all_labels))
+        self._epoch_terms: dict[str, list[float]] = {}
         self.memory: ConfidenceMemory | None = None
         self._dale_restore: tuple[int, str] | None = None
         self.logger.local_logger = DALELocalLogger()
         self.print_to_log_file(
-            f"{self.__class__.__name__} (nnunetv2-dale {__version__}): per-voxel label-confidence memory ON; "
-            f"loss = nnU-Net's stock Dice+CE (the DALE objective is not implemented in this version). Budget: "
+            f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
+            f"{'on' if self.dale_use_confidence else 'OFF'}, alternation {'on' if self.dale_use_alternation else 'OFF'}, "
+            f"alignment {'on' if self.dale_use_alignment else 'OFF'}; set by the variant). Budget: "
             f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations "
             f"(+{self.num_val_iterations_per_epoch} validation).",
             also_print_to_console=True,
@@ -103,6 +135,27 @@ class nnUNetTrainerDALE(nnUNetTrainer):
     @property
     def memory_folder(self) -> Path:
         return Path(self.output_folder) / MEMORY_FOLDER
+
+    def _build_loss(self):
+        if self.enable_deep_supervision:
+            scales = self._get_deep_supervision_scales()
+            weights = np.array([1 / (2 ** i) for i in range(len(scales))])
+            weights[-1] = 1e-6 if self.is_ddp and not self._do_i_compile() else 0  # as nnU-Net does
+            ds_weights = list(weights / weights.sum())
+        else:
+            ds_weights = None
+        return DALELoss(self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
+                        ds_weights)
+
+    def initialize(self):
+        super().initialize()
+        if self.dale_use_alignment:
+            self.alignment.attach(self.network)
+
+    def phase(self, epoch: int | None = None) -> str:
+        epoch = self.current_epoch if epoch is None else epoch
+        return phase_of_epoch(epoch, self.num_epochs, self.dale_warmup_fraction, self.dale_phase_period,
+                              self.dale_use_alternation)
 
     def get_dataloaders(self):
         with training_loader_with_coordinates():
@@ -133,8 +186,14 @@ class nnUNetTrainerDALE(nnUNetTrainer):
                 except MemoryMismatchError as e:
                     raise SetupError(str(e)) from None
         self._barrier()
-        if self._dale_restore is not None and self.local_rank != 0:
-            self.memory.visited_voxels = json.loads((self.memory.live / "manifest.json").read_text())["visited_voxels"]
+        if self._dale_restore is not None:
+            manifest = json.loads((self.memory.live / "manifest.json").read_text())
+            self.memory.visited_voxels = manifest["visited_voxels"]
+            extra = manifest.get("extra", {})
+            if "mixtures" in extra:
+                self.mixtures = [Mixture.from_dict(m) for m in extra["mixtures"]]
+            if "alignment" in extra:
+                self.alignment.load_state(extra["alignment"])
         where = "restored from epoch %d" % self._dale_restore[0] if self._dale_restore else "new"
         self.print_to_log_file(
             f"DALE memory ({where}): {len(self.memory.case_shapes)} cases, {self.memory.total_voxels} voxels, "
@@ -143,18 +202,30 @@ class nnUNetTrainerDALE(nnUNetTrainer):
 
     # ---------------------------------------------------------------- training
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net 2.8.1's ``train_step`` plus the memory update from the same forward pass."""
+        """nnU-Net 2.8.1's ``train_step`` with the DALE loss of the current phase, and the memory
+        update from the same forward pass."""
         data = batch['data'].to(self.device, non_blocking=True)
         target = batch['target']
         if isinstance(target, list):
             target = [i.to(self.device, non_blocking=True) for i in target]
         else:
             target = target.to(self.device, non_blocking=True)
+        phase = self.phase()
+        use_memory = phase != WARMUP and self.memory is not None and "regression_target" in batch
 
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            output = self.network(data)
-            loss = self.loss(output, target)
+        self.alignment.active = use_memory and self.dale_use_alignment
+        try:
+            with torch.autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+                output = self.network(data)
+                if use_memory:
+                    loss, terms = self.dale_loss(batch, output, target, phase)
+                else:
+                    loss, terms = self.loss(output, target), {}
+        finally:
+            self.alignment.active = False
+            features, self.alignment.features = self.alignment.features, None
+        del features
 
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
@@ -167,7 +238,85 @@ class nnUNetTrainerDALE(nnUNetTrainer):
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         self.update_memory(batch, output)
+        for k, v in terms.items():
+            self._epoch_terms.setdefault(k, []).append(v)
         return {'loss': loss.detach().cpu().numpy()}
+
+    def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
+        targets = target if isinstance(target, list) else [target]
+        omega, reliable, fuzzy, soft = self.rset_maps(batch)
+        ds = len(targets) > 1
+        omegas = self._to_scales(omega, targets)
+        terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
+        loss = 0
+        labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        onehot = torch.zeros(soft.shape).scatter_(1, labels_full.long().clamp(0, soft.shape[1] - 1), 1)
+        if phase in (STABLE, JOINT):
+            w = [o.to(self.device) for o in omegas]
+            stable = self.loss(output, target, weights=w if ds else w[0])
+            loss = loss + stable
+            terms["stable_loss"] = float(stable.detach())
+            if self.dale_use_alignment and self.alignment.features is not None:
+                self.alignment.update_reliable(self.alignment.features, reliable * onehot, self.is_ddp)
+        if phase in (FUZZY, JOINT):
+            softs = [s.to(self.device) for s in self._to_scales(soft, targets)]
+            collaborative = self.loss(output, target, soft=softs if ds else softs[0])
+            loss = loss + collaborative
+            terms["fuzzy_loss"] = float(collaborative.detach())
+            lam = alignment_weight(self.current_epoch, self.num_epochs, self.dale_warmup_fraction,
+                                   self.dale_align_weight, self.dale_align_rampup_fraction)
+            if self.dale_use_alignment and self.alignment.features is not None and lam > 0:
+                align = self.alignment.loss(self.alignment.features, (fuzzy * soft).to(self.device))
+                loss = loss + lam * align
+                terms["align_loss"] = float(align.detach())
+        return loss, terms
+
+    @torch.no_grad()
+    def rset_maps(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """Per patch voxel (full resolution, CPU): omega (B,1,*S), reliable and fuzzy membership
+        (B,1,*S), and the collaborative target y~ (B,K,*S)."""
+        labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        k = len(self.label_manager.all_labels)
+        shape = labels_full.shape
+        omega = torch.ones(shape)
+        entropy = torch.zeros(shape)
+        q_full = torch.zeros((shape[0], k, *shape[2:]))
+        ignore = self.label_manager.ignore_label
+        for b, key in enumerate(batch["keys"]):
+            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
+            labels = labels_full[b].reshape(-1).long()
+            if ignore is not None:
+                valid &= labels != ignore
+            q, visits = self.memory.read(key, index)
+            known = valid & (visits >= self.dale_min_visits)
+            lab = labels.clamp(0, k - 1)
+            om = torch.ones(labels.shape)
+            agreement = agreement_with_label(q, lab, k)
+            losses = loss_signal(agreement)
+            for c, mixture in enumerate(self.mixtures):
+                sel = known & (lab == c)
+                om[sel] = mixture.clean_posterior(losses[sel])
+            er = torch.where(known, entropy_signal(q), torch.zeros(()))
+            qk = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
+            onehot = torch.nn.functional.one_hot(lab, k).float()
+            qk = torch.where(known[:, None], qk, onehot)
+            omega[b] = om.reshape(shape[1:])
+            entropy[b] = er.reshape(shape[1:])
+            q_full[b] = qk.T.reshape(k, *shape[2:])
+        if not self.dale_use_confidence:
+            reliable, fuzzy, omega = 1 - entropy, entropy, torch.ones_like(omega)
+        else:
+            reliable, fuzzy = omega * (1 - entropy), 1 - omega
+        onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
+        soft = omega * onehot + (1 - omega) * sharpen(q_full, self.dale_sharpen_temperature)
+        return omega, reliable, fuzzy, soft
+
+    @staticmethod
+    def _to_scales(full: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Downsample a full-resolution map to every deep-supervision target, as nnU-Net does."""
+        return [full if t.shape[2:] == full.shape[2:] else
+                torch.nn.functional.interpolate(full, t.shape[2:], mode="nearest-exact") for t in targets]
 
     @torch.no_grad()
     def update_memory(self, batch: dict, output) -> None:
@@ -208,9 +357,22 @@ class nnUNetTrainerDALE(nnUNetTrainer):
         super().on_train_epoch_end(train_outputs)
         if self.memory is None:
             return
-        visited, confidence, skipped = self.memory.finish_epoch(self.is_ddp)
+        visited, confidence, skipped, hist = self.memory.finish_epoch(self.is_ddp)
+        self.mixtures = [fit_mixture(h) for h in hist]
+        terms = {k: float(np.mean(v)) for k, v in self._epoch_terms.items()}
+        self._epoch_terms = {}
+        phase = self.phase()
         self.logger.log("dale_visited_fraction", visited, self.current_epoch)
         self.logger.log("dale_mean_confidence", confidence, self.current_epoch)
+        self.logger.log("dale_phase", PHASE_CODES[phase], self.current_epoch)
+        self.logger.log("dale_reliable_fraction", terms.get("reliable_fraction", float("nan")), self.current_epoch)
+        self.logger.log("dale_fuzzy_fraction", terms.get("fuzzy_fraction", float("nan")), self.current_epoch)
+        self.logger.log("dale_align_loss", terms.get("align_loss", float("nan")), self.current_epoch)
+        fitted = [f"class {c}: clean l~N({m.means[0]:.2f},{m.stds[0]:.2f}) w={m.weights[0]:.2f}, noisy "
+                  f"l~N({m.means[1]:.2f},{m.stds[1]:.2f})" if m.fitted else f"class {c}: one population (omega=1)"
+                  for c, m in enumerate(self.mixtures)]
+        self.print_to_log_file(f"DALE phase {phase}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(terms.items()))
+                               + f". Mixtures for the next epoch: {'; '.join(fitted)}")
         self.print_to_log_file(
             f"DALE memory: {visited:.1%} of voxels visited; mean label confidence per class (voxels seen this "
             f"epoch): {', '.join(f'{c:.3f}' for c in confidence)}"
@@ -236,7 +398,8 @@ class nnUNetTrainerDALE(nnUNetTrainer):
         write_memory = self.memory is not None and not self.disable_checkpointing
         self._barrier()
         if write_memory and self.local_rank == 0:
-            self.memory.snapshot(epoch)
+            self.memory.snapshot(epoch, {"mixtures": [m.to_dict() for m in self.mixtures],
+                                         "alignment": self.alignment.state()})
         tmp = filename + ".tmp"
         super().save_checkpoint(tmp)
         if self.local_rank == 0 and os.path.isfile(tmp):

@@ -1,4 +1,5 @@
-"""Length variants of ``nnUNetTrainerDALE``, named like nnU-Net's ``nnUNetTrainer_Xepochs``."""
+"""Variants of ``nnUNetTrainerDALE``: lengths (named like nnU-Net's ``nnUNetTrainer_Xepochs``) and
+ablations (one DALE component switched off)."""
 from nnunetv2_dale.trainer import nnUNetTrainerDALE
 
 
@@ -40,3 +41,18 @@ class nnUNetTrainerDALE_250epochs(nnUNetTrainerDALE):
 
 class nnUNetTrainerDALE_500epochs(nnUNetTrainerDALE):
     epochs = 500
+
+
+class nnUNetTrainerDALE_noAlign(nnUNetTrainerDALE):
+    """Ablation: no distribution-alignment term."""
+    use_alignment = False
+
+
+class nnUNetTrainerDALE_noConfidence(nnUNetTrainerDALE):
+    """Ablation: omega = 1 in every loss (R-sets from the temporal entropy alone)."""
+    use_confidence = False
+
+
+class nnUNetTrainerDALE_noAlternation(nnUNetTrainerDALE):
+    """Ablation: after warm-up, stable and fuzzy objectives summed in every epoch."""
+    use_alternation = False

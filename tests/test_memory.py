@@ -44,7 +44,7 @@ def test_scatter_mean_then_ema(tmp_path):
     q, n = mem.read("case_a", torch.tensor([3]))
     # weights 1/3, 1/4, then the floor 0.2 for the remaining 8 visits: q follows the recent softmax
     assert q[0, 0] == pytest.approx(0.7 * (2 / 3) * (3 / 4) * 0.8 ** 8, abs=2e-3) and n[0] == 12
-    visited, confidence, skipped = mem.finish_epoch()
+    visited, confidence, skipped, _ = mem.finish_epoch()
     assert visited == pytest.approx(2 / (20 + 18)) and skipped == 0
     assert confidence[0] == pytest.approx(1 - 0.9, abs=1e-3)  # voxel 7, label 0: q(bg) = 0.1
 
@@ -151,9 +151,9 @@ def _ddp_worker(rank: int, world: int, folder: str, port: int, out: str) -> None
         dist.barrier()
         _apply(mem, UPDATES[rank])
         dist.barrier()
-        result = mem.finish_epoch(ddp=True)
+        visited, confidence, skipped, hist = mem.finish_epoch(ddp=True)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+            json.dump([visited, confidence, skipped, hist.tolist()], f)
     finally:
         dist.destroy_process_group()
 
@@ -176,6 +176,8 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path):
     assert results[0] == results[1], "every rank must report the same all-reduced statistics"
     assert results[0][0] == pytest.approx(expected[0]) and results[0][2] == expected[2]
     np.testing.assert_allclose(results[0][1], expected[1], atol=1e-6)
+    np.testing.assert_array_equal(np.array(results[0][3]), expected[3])  # the R-set histograms too
+    assert expected[3].sum() == 9
     ddp_mem = make_memory(folder)
     for case in SHAPES:
         for got, want in zip(ddp_mem.case_arrays(case), ref.case_arrays(case)):

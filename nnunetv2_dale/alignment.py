@@ -1,0 +1,112 @@
+"""Distribution alignment of fuzzy-region features to reliable-region features (DESIGN.md 1.4).
+
+Features: the output of the last decoder stage (full resolution, the input of the segmentation
+head), captured with a forward hook that is active only inside DALE's ``train_step`` (no cost or
+effect in validation, final validation or inference). Reliable statistics: per class a running
+mean and diagonal variance over reliable voxels, updated without gradient (all-reduced under DDP).
+Fuzzy statistics: the same moments over the batch's fuzzy voxels. Loss: the closed-form
+2-Wasserstein distance between diagonal Gaussians, summed over classes and divided by the number
+of channels: sum_k ||mu_f - mu_r||^2 + ||sigma_f - sigma_r||^2, / C.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def last_decoder_stage(network: nn.Module) -> nn.Module:
+    """``decoder.stages[-1]``, unwrapping DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    net = network
+    while True:
+        if hasattr(net, "module") and isinstance(net.module, nn.Module):
+            net = net.module
+        elif hasattr(net, "_orig_mod"):
+            net = net._orig_mod
+        else:
+            break
+    return net.decoder.stages[-1]
+
+
+def weighted_moments(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class weighted mean and variance of (B, C, *S) features with (B, K, *S) weights.
+    Returns mean (K, C), var (K, C), total weight (K,)."""
+    f = features.flatten(2).transpose(0, 1).flatten(1)  # (C, N)
+    w = weights.flatten(2).transpose(0, 1).flatten(1).to(f.dtype)  # (K, N)
+    total = w.sum(1)
+    mean = (w @ f.T) / total.clamp_min(1e-6)[:, None]
+    var = (w @ (f.T ** 2)) / total.clamp_min(1e-6)[:, None] - mean ** 2
+    return mean, var.clamp_min(0), total
+
+
+def w2_diagonal(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor,
+                valid: torch.Tensor) -> torch.Tensor:
+    """Sum over classes (rows where ``valid``) of the squared 2-Wasserstein distance between
+    diagonal Gaussians, divided by the channel count."""
+    d = ((mean_a - mean_b) ** 2).sum(1) + ((var_a.clamp_min(1e-8).sqrt() - var_b.clamp_min(1e-8).sqrt()) ** 2).sum(1)
+    return (d * valid).sum() / mean_a.shape[1]
+
+
+class FeatureAlignment:
+    """Forward hook + running reliable moments + W2 loss."""
+
+    def __init__(self, num_classes: int, momentum: float = 0.1) -> None:
+        self.num_classes = num_classes
+        self.momentum = momentum
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self.seen = torch.zeros(num_classes, dtype=torch.bool)
+        self.active = False
+        self.features: torch.Tensor | None = None
+        self._handle = None
+
+    def attach(self, network: nn.Module) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+        self._handle = last_decoder_stage(network).register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output) -> None:
+        if self.active:
+            self.features = output
+
+    @torch.no_grad()
+    def update_reliable(self, features: torch.Tensor, weights: torch.Tensor, ddp: bool = False) -> None:
+        """Fold the batch's reliable moments (weights: (B, K, *S) reliable membership per class)."""
+        f = features.detach().float()
+        w = weights.to(f.device)
+        sum_w = w.flatten(2).transpose(0, 1).flatten(1).sum(1)
+        flat_f = f.flatten(2).transpose(0, 1).flatten(1)
+        flat_w = w.flatten(2).transpose(0, 1).flatten(1)
+        sums = torch.cat([sum_w[:, None], flat_w @ flat_f.T, flat_w @ (flat_f.T ** 2)], 1)  # (K, 1 + 2C)
+        if ddp:
+            torch.distributed.all_reduce(sums)
+        c = f.shape[1]
+        total = sums[:, 0]
+        mean = sums[:, 1:1 + c] / total.clamp_min(1e-6)[:, None]
+        var = (sums[:, 1 + c:] / total.clamp_min(1e-6)[:, None] - mean ** 2).clamp_min(0)
+        has = (total > 1).cpu()
+        if self.mean is None:
+            self.mean, self.var = torch.zeros_like(mean), torch.ones_like(var)
+        self.mean, self.var = self.mean.to(f.device), self.var.to(f.device)
+        for k in torch.nonzero(has).flatten().tolist():
+            m = 1.0 if not self.seen[k] else self.momentum
+            self.mean[k] = (1 - m) * self.mean[k] + m * mean[k]
+            self.var[k] = (1 - m) * self.var[k] + m * var[k]
+            self.seen[k] = True
+
+    def loss(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """W2 between the batch's fuzzy moments (weights: (B, K, *S) fuzzy membership per class) and
+        the stored reliable moments (constants: no gradient reaches them)."""
+        if self.mean is None or not self.seen.any():
+            return features.sum() * 0
+        mean_f, var_f, total = weighted_moments(features.float(), weights.to(features.device))
+        valid = (self.seen.to(features.device) & (total > 1)).float()
+        return w2_diagonal(mean_f, var_f, self.mean.detach(), self.var.detach(), valid)
+
+    def state(self) -> dict:
+        return {"mean": None if self.mean is None else self.mean.cpu().tolist(),
+                "var": None if self.var is None else self.var.cpu().tolist(), "seen": self.seen.tolist()}
+
+    def load_state(self, state: dict) -> None:
+        self.mean = None if state.get("mean") is None else torch.tensor(state["mean"])
+        self.var = None if state.get("var") is None else torch.tensor(state["var"])
+        self.seen = torch.tensor(state.get("seen", [False] * self.num_classes), dtype=torch.bool)

@@ -1,0 +1,101 @@
+"""Data-driven reliable/fuzzy R-sets: a per-class two-component mixture on the loss-consistency
+signal, giving a soft label confidence omega per voxel with no hand-set cut (DESIGN.md 1.2).
+
+Signals of a voxel v with temporal ensemble q_v and annotated label y_v:
+- AE (agreement) q_v[y_v]; its loss form l_v = -log q_v[y_v] is the loss-consistency signal;
+- ER (entropy) H(q_v) / log K, how undecided the model stays about v.
+
+Per class, the distribution of l over the voxels updated during an epoch is collected in a fixed
+histogram (all-reduced under DDP) and a two-component 1D Gaussian mixture is fitted to it by EM
+once per epoch. omega_v = posterior of the low-loss component at l_v. Voxels visited fewer than
+``min_visits`` times keep omega = 1. Reliable membership: omega * (1 - ER); fuzzy: 1 - omega.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+EPS = 1e-4
+L_MAX = -math.log(EPS)  # losses are clipped to [0, L_MAX]
+N_BINS = 64
+
+
+def loss_signal(agreement: torch.Tensor) -> torch.Tensor:
+    """l = -log q[y], clipped to [0, L_MAX]."""
+    return -torch.log(agreement.clamp(EPS, 1.0))
+
+
+def entropy_signal(q: torch.Tensor) -> torch.Tensor:
+    """ER = H(q) / log K, in [0, 1]; ``q`` is (N, 1) p(foreground) for binary tasks or (N, K)."""
+    p = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
+    p = p.clamp_min(EPS)
+    p = p / p.sum(1, keepdim=True)
+    return -(p * p.log()).sum(1) / math.log(p.shape[1])
+
+
+@dataclass
+class Mixture:
+    """Two 1D Gaussians on l: (weights, means, stds), component 0 is the low-loss (clean) one."""
+
+    weights: tuple[float, float] = (0.5, 0.5)
+    means: tuple[float, float] = (0.1, 3.0)
+    stds: tuple[float, float] = (0.3, 1.5)
+    fitted: bool = False
+
+    def clean_posterior(self, losses: torch.Tensor) -> torch.Tensor:
+        """omega = p(low-loss component | l)."""
+        if not self.fitted:
+            return torch.ones_like(losses)
+        dens = []
+        for w, m, s in zip(self.weights, self.means, self.stds):
+            dens.append(w / s * torch.exp(-0.5 * ((losses - m) / s) ** 2))
+        return dens[0] / (dens[0] + dens[1]).clamp_min(1e-12)
+
+    def to_dict(self) -> dict:
+        return {"weights": list(self.weights), "means": list(self.means), "stds": list(self.stds),
+                "fitted": self.fitted}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Mixture":
+        return cls(tuple(d["weights"]), tuple(d["means"]), tuple(d["stds"]), bool(d["fitted"]))
+
+
+def bin_centres() -> np.ndarray:
+    edges = np.linspace(0, L_MAX, N_BINS + 1)
+    return (edges[:-1] + edges[1:]) / 2
+
+
+def histogram(losses: torch.Tensor) -> np.ndarray:
+    """Counts of ``losses`` in the fixed bins (the running histogram adds these up)."""
+    idx = (losses.clamp(0, L_MAX) / L_MAX * N_BINS).long().clamp(0, N_BINS - 1)
+    return torch.bincount(idx, minlength=N_BINS).double().numpy()
+
+
+def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50) -> Mixture:
+    """EM for a two-component Gaussian mixture on a histogram of l (weights = bin counts).
+
+    Returns an unfitted mixture (omega = 1 everywhere) when there are too few samples or the two
+    components collapse onto each other, i.e. when the data give no evidence of two populations.
+    """
+    total = counts.sum()
+    if total < min_count:
+        return Mixture()
+    x = bin_centres()
+    lo, hi = np.quantile(np.repeat(x, np.maximum(counts, 0).astype(np.int64)), [0.25, 0.9]) \
+        if total < 1e7 else (x[np.argmax(counts)], x[-1] / 2)
+    w, m, s = np.array([0.5, 0.5]), np.array([lo, max(hi, lo + 0.5)]), np.array([0.5, 1.0])
+    for _ in range(iterations):
+        dens = w[:, None] / s[:, None] * np.exp(-0.5 * ((x[None] - m[:, None]) / s[:, None]) ** 2) + 1e-300
+        resp = dens / dens.sum(0, keepdims=True) * counts[None]
+        nk = resp.sum(1) + 1e-12
+        w = nk / nk.sum()
+        m = (resp * x[None]).sum(1) / nk
+        s = np.sqrt((resp * (x[None] - m[:, None]) ** 2).sum(1) / nk).clip(L_MAX / N_BINS / 2, None)
+    order = np.argsort(m)
+    w, m, s = w[order], m[order], s[order]
+    if m[1] - m[0] < 0.5 * (s[0] + s[1]) / 2 or min(w) < 1e-3:
+        return Mixture()
+    return Mixture((float(w[0]), float(w[1])), (float(m[0]), float(m[1])), (float(s[0]), float(s[1])), True)

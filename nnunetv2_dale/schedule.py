@@ -1,0 +1,36 @@
+"""The alternating schedule (DESIGN.md 1.3): a pure function of the epoch, so ``--c`` resumes in
+the right phase.
+
+warm-up (the first ``warmup_fraction`` of the epochs, at least one): nnU-Net's stock loss while the
+memory fills; then blocks of ``period`` epochs alternate, stable phase first. Without alternation
+every post-warm-up epoch is "joint" (both objectives summed).
+"""
+from __future__ import annotations
+
+WARMUP, STABLE, FUZZY, JOINT = "warmup", "stable", "fuzzy", "joint"
+PHASE_CODES = {WARMUP: 0, STABLE: 1, FUZZY: 2, JOINT: 3}
+
+
+def warmup_epochs(num_epochs: int, warmup_fraction: float) -> int:
+    return max(1, round(num_epochs * warmup_fraction))
+
+
+def phase_of_epoch(epoch: int, num_epochs: int, warmup_fraction: float = 0.1, period: int = 1,
+                   alternate: bool = True) -> str:
+    w = warmup_epochs(num_epochs, warmup_fraction)
+    if epoch < w:
+        return WARMUP
+    if not alternate:
+        return JOINT
+    return STABLE if ((epoch - w) // max(period, 1)) % 2 == 0 else FUZZY
+
+
+def alignment_weight(epoch: int, num_epochs: int, warmup_fraction: float, max_weight: float,
+                     rampup_fraction: float = 0.2) -> float:
+    """lambda: 0 during warm-up, then a linear ramp to ``max_weight`` over ``rampup_fraction`` of
+    the remaining epochs."""
+    w = warmup_epochs(num_epochs, warmup_fraction)
+    if epoch < w:
+        return 0.0
+    ramp = max(1.0, rampup_fraction * (num_epochs - w))
+    return max_weight * min(1.0, (epoch - w + 1) / ramp)
