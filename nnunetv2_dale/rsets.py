@@ -99,3 +99,38 @@ def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50) 
     if m[1] - m[0] < 0.5 * (s[0] + s[1]) / 2 or min(w) < 1e-3:
         return Mixture()
     return Mixture((float(w[0]), float(w[1])), (float(m[0]), float(m[1])), (float(s[0]), float(s[1])), True)
+
+
+def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtures: list[Mixture],
+                    min_visits: int) -> np.ndarray:
+    """omega for every voxel of one case (arrays shaped like the case; ``q`` has a trailing channel
+    axis). Voxels visited fewer than ``min_visits`` times are NaN (unknown), not confident."""
+    from nnunetv2_dale.memory import agreement_with_label
+
+    k = len(mixtures)
+    flat_q = torch.from_numpy(q.reshape(-1, q.shape[-1]).astype(np.float32))
+    lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).clamp(0, k - 1)
+    losses = loss_signal(agreement_with_label(flat_q, lab, k))
+    omega = torch.full(lab.shape, float("nan"))
+    known = torch.from_numpy(visits.reshape(-1).astype(np.int64)) >= min_visits
+    for c, mixture in enumerate(mixtures):
+        sel = known & (lab == c)
+        omega[sel] = mixture.clean_posterior(losses[sel])
+    return omega.numpy().reshape(labels.shape)
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (Mann-Whitney U, ties
+    counted half)."""
+    scores, positives = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(positives, dtype=bool).ravel()
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores), dtype=np.float64)
+    sorted_scores = scores[order]
+    # average ranks for ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts - 1) / 2.0 + 1
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

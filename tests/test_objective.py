@@ -1,0 +1,157 @@
+"""The DALE objective: it reduces to nnU-Net's loss when every omega = 1, the alignment term
+behaves like a distance with gradient only to the network, the mixture finds two populations,
+the schedule is a function of the epoch, and on labels with known injected noise a short CPU
+training makes 1 - omega rank corrupted voxels above correct ones."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from PIL import Image
+
+from conftest import run, tool
+from nnunetv2_dale.alignment import FeatureAlignment, w2_diagonal
+from nnunetv2_dale.loss import DALELoss
+from nnunetv2_dale.rsets import Mixture, auroc, case_confidence, fit_mixture, histogram, loss_signal
+from nnunetv2_dale.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
+
+
+def stock_loss(ignore_label=None, ds_weights=None):
+    loss = DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                          weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+    return DeepSupervisionWrapper(loss, ds_weights) if ds_weights is not None else loss
+
+
+@pytest.mark.parametrize("ignore_label", [None, 3])
+@pytest.mark.parametrize("deep_supervision", [False, True])
+def test_loss_equals_nnunet_dc_and_ce_when_omega_is_one(ignore_label, deep_supervision):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 3, 16, 16), (2, 3, 8, 8), (2, 3, 4, 4)] if deep_supervision else [(2, 3, 16, 16)]
+    outputs = [torch.randn(s, generator=g) for s in shapes]
+    n_labels = 4 if ignore_label is not None else 3
+    targets = [torch.randint(0, n_labels, (s[0], 1, *s[2:]), generator=g).float() for s in shapes]
+    ds = [4 / 7, 2 / 7, 1 / 7] if deep_supervision else None
+    ours = DALELoss(True, ignore_label, False, ds)
+    out = outputs if deep_supervision else outputs[0]
+    tgt = targets if deep_supervision else targets[0]
+    reference = stock_loss(ignore_label, ds)(out, tgt)
+    ones = [torch.ones_like(t) for t in targets]
+    torch.testing.assert_close(ours(out, tgt), reference)
+    torch.testing.assert_close(ours(out, tgt, weights=ones if deep_supervision else ones[0]), reference)
+    # omega < 1 on some voxels changes the loss
+    half = [w * 0.5 for w in ones]
+    assert not torch.allclose(ours(out, tgt, weights=half if deep_supervision else half[0]), reference)
+
+
+def test_soft_target_equal_to_onehot_gives_stock_loss():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn((2, 2, 12, 12), generator=g)
+    target = torch.randint(0, 2, (2, 1, 12, 12), generator=g).float()
+    onehot = torch.zeros_like(logits).scatter_(1, target.long(), 1)
+    torch.testing.assert_close(DALELoss(True, None, False, None)(logits, target, soft=onehot),
+                               stock_loss()(logits, target))
+
+
+def test_alignment_zero_for_identical_moments_positive_otherwise_gradient_to_features_only():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn((2, 4, 8, 8), generator=g)
+    weights = torch.rand((2, 2, 8, 8), generator=g)
+    align = FeatureAlignment(num_classes=2, momentum=1.0)
+    align.update_reliable(feats, weights)
+    assert float(align.loss(feats, weights)) == pytest.approx(0.0, abs=1e-6)
+    shifted = (feats + 0.5).requires_grad_(True)
+    value = align.loss(shifted, weights)
+    assert float(value) > 0.1
+    value.backward()
+    assert shifted.grad is not None and shifted.grad.abs().sum() > 0
+    assert not align.mean.requires_grad and align.mean.grad is None
+    # closed form: a pure mean shift of 0.5 in every channel gives 0.25 per class
+    assert float(value) == pytest.approx(2 * 0.25, rel=1e-3)
+    m = torch.zeros((1, 3))
+    assert float(w2_diagonal(m, torch.ones((1, 3)), m, 4 * torch.ones((1, 3)), torch.ones(1))) == pytest.approx(1.0)
+
+
+def test_alignment_gradient_reaches_the_decoder(tiny2d, monkeypatch):
+    from conftest import inprocess_trainer
+
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch)
+    trainer.initialize()
+    trainer.alignment.active = True
+    x = torch.randn((2, 1, *trainer.configuration_manager.patch_size))
+    trainer.network(x)
+    features = trainer.alignment.features
+    trainer.alignment.active = False
+    assert features is not None and features.shape[2:] == x.shape[2:]
+    w = torch.rand((2, 2, *x.shape[2:]))
+    trainer.alignment.update_reliable(features, w)
+    loss = trainer.alignment.loss(features * 1.5, w)
+    loss.backward()
+    decoder_grad = sum(p.grad.abs().sum() for p in trainer.network.decoder.stages[-1].parameters() if p.grad is not None)
+    assert float(decoder_grad) > 0
+    # the hook is gated: an inference-style forward pass captures nothing
+    trainer.alignment.features = None
+    with torch.no_grad():
+        trainer.network(x)
+    assert trainer.alignment.features is None
+
+
+def test_mixture_finds_two_populations_and_omega_ranks_them():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(5000, generator=g) * 0.1 + 0.88  # agreement near 0.9
+    noisy = torch.rand(1500, generator=g) * 0.3 + 0.02  # agreement low
+    losses = loss_signal(torch.cat([clean, noisy]))
+    mixture = fit_mixture(histogram(losses))
+    assert mixture.fitted and mixture.means[0] < 0.3 < 1.0 < mixture.means[1]
+    omega = mixture.clean_posterior(losses)
+    truth = np.r_[np.zeros(5000, bool), np.ones(1500, bool)]
+    assert auroc(1 - omega.numpy(), truth) > 0.99
+    single = fit_mixture(histogram(loss_signal(clean)))
+    assert not single.fitted and float(single.clean_posterior(losses).min()) == 1.0
+
+
+def test_auroc_reference_values():
+    assert auroc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == pytest.approx(0.75)
+    assert auroc([1, 1, 1], [True, False, False]) == pytest.approx(0.5)
+
+
+def test_schedule_is_a_function_of_the_epoch():
+    phases = [phase_of_epoch(e, 20, 0.1, 1) for e in range(20)]
+    assert phases[:2] == [WARMUP, WARMUP] and phases[2:6] == [STABLE, FUZZY, STABLE, FUZZY]
+    assert [phase_of_epoch(e, 20, 0.1, 2) for e in range(2, 8)] == [STABLE, STABLE, FUZZY, FUZZY, STABLE, STABLE]
+    assert phase_of_epoch(10, 20, 0.1, 1, alternate=False) == JOINT
+    assert alignment_weight(1, 20, 0.1, 0.1) == 0 and alignment_weight(19, 20, 0.1, 0.1) == pytest.approx(0.1)
+    assert 0 < alignment_weight(2, 20, 0.1, 0.1) < 0.1
+
+
+@pytest.mark.slow
+def test_omega_separates_injected_noise_after_short_training(tiny2d):
+    """AUROC of (1 - omega) against the injected-noise mask, on the training cases, after a short
+    CPU training through nnUNetv2_train."""
+    tree, did, raw = tiny2d
+    trainer = "nnUNetTrainerDALE_10epochs"
+    env = tree.env(nnUNet_DALE_iters="12", nnUNet_DALE_val_iters="1")
+    run([tool("nnUNetv2_train"), str(did), "2d", "0", "-tr", trainer, "-device", "cpu"], env)
+    fold = next(tree.results.glob(f"*/{trainer}__nnUNetPlans__2d/fold_0"))
+    snapshot = fold / "dale_memory" / "snapshot_epoch_0010"
+    manifest = json.loads((snapshot / "manifest.json").read_text())
+    mixtures = [Mixture.from_dict(m) for m in manifest["extra"]["mixtures"]]
+    scores, truth = [], []
+    for key, shape in manifest["cases"].items():
+        q = np.fromfile(snapshot / f"{key}.q.f16", dtype=np.float16).reshape(*shape, -1)
+        n = np.fromfile(snapshot / f"{key}.n.u8", dtype=np.uint8).reshape(shape)
+        noisy = np.array(Image.open(raw / "labelsTr" / f"{key}.png"))
+        changed = np.array(Image.open(raw / "noiseTr" / f"{key}.png")).astype(bool)
+        assert noisy.shape == tuple(shape[1:]), "2D phantoms are not cropped or resampled by nnU-Net"
+        omega = case_confidence(q, n, noisy[None], mixtures, min_visits=3)
+        known = ~np.isnan(omega)
+        scores.append(1 - omega[known])
+        truth.append(changed[None][known])
+    value = auroc(np.concatenate(scores), np.concatenate(truth))
+    print(f"AUROC of 1 - omega vs injected noise: {value:.3f}")
+    assert value > 0.65, value
