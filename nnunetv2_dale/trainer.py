@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import distributed as dist
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_dale import __version__
@@ -30,30 +29,11 @@ from nnunetv2_dale.loss import DALELoss, sharpen
 from nnunetv2_dale.rsets import Mixture, entropy_signal, fit_mixture, loss_signal
 from nnunetv2_dale.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
 from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label, write_json_atomic
-from nnunetv2_dale.preflight import SetupError, check_path_variables, check_preprocessed, check_writable
+from nnunetv2_dale.budget import nnUNetTrainerBudget
+from nnunetv2_dale.preflight import SetupError
 from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
 
-ITERS_ENV = "nnUNet_DALE_iters"
-VAL_ITERS_ENV = "nnUNet_DALE_val_iters"
-SAVE_EVERY_ENV = "nnUNet_DALE_save_every"
-MEMORY_FOLDER = "dale_memory"
-CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
-
-
-def _positive_int_from_env(name: str) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SetupError(f"{name}={raw!r} must be a positive integer, or unset.")
-    return value
-
-
-class nnUNetTrainerDALE(nnUNetTrainer):
+class nnUNetTrainerDALE(nnUNetTrainerBudget):
     """nnU-Net trainer for noisy labels (DALE).
 
     Hyperparameters (instance attributes, set in ``__init__``; defaults are ours, see docs/method.md):
@@ -73,33 +53,16 @@ class nnUNetTrainerDALE(nnUNetTrainer):
     - ``dale_picture_every`` (10): epochs between pictures of one case's buffers
       (``<fold>/dale_memory_pictures``).
 
-    CPU budgets: ``nnUNet_DALE_iters`` and ``nnUNet_DALE_val_iters`` override
-    ``num_iterations_per_epoch`` (default 250) and ``num_val_iterations_per_epoch`` (default 50);
-    ``nnUNet_DALE_save_every`` overrides ``save_every`` (epochs between ``checkpoint_latest.pth``
-    writes, default 50), so that short CPU runs can be resumed with ``--c``.
-    Epoch counts come from the length variants (``nnUNetTrainerDALE_5epochs`` ...), which only set
-    the class attribute ``epochs``.
+    Budgets, start-up checks and length variants come from :class:`nnUNetTrainerBudget`.
     """
 
-    epochs: int = 1000  # nnU-Net's default; copied to ``self.num_epochs``
     use_confidence: bool = True  # class-level switches of the ablation variants, copied in __init__
     use_alternation: bool = True
     use_alignment: bool = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        check_path_variables(("nnUNet_preprocessed", "nnUNet_results"))
-        dataset_name = plans["dataset_name"]
-        check_preprocessed(dataset_name, configuration, plans["plans_name"])
-        check_writable(Path(os.environ["nnUNet_results"]) / dataset_name, "the output folder")
-        overrides = {attr: _positive_int_from_env(env) for attr, env in (
-            ("num_iterations_per_epoch", ITERS_ENV), ("num_val_iterations_per_epoch", VAL_ITERS_ENV),
-            ("save_every", SAVE_EVERY_ENV))}
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.epochs
-        for attr, value in overrides.items():
-            if value is not None:
-                setattr(self, attr, value)
         if self.label_manager.has_regions:
             raise SetupError(
                 "region-based training (regions_class_order in dataset.json) is not supported by "
@@ -125,9 +88,7 @@ class nnUNetTrainerDALE(nnUNetTrainer):
         self.print_to_log_file(
             f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
             f"{'on' if self.dale_use_confidence else 'OFF'}, alternation {'on' if self.dale_use_alternation else 'OFF'}, "
-            f"alignment {'on' if self.dale_use_alignment else 'OFF'}; set by the variant). Budget: "
-            f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations "
-            f"(+{self.num_val_iterations_per_epoch} validation).",
+            f"alignment {'on' if self.dale_use_alignment else 'OFF'}; set by the variant).",
             also_print_to_console=True,
         )
 

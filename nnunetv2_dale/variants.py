@@ -1,5 +1,6 @@
 """Variants of ``nnUNetTrainerDALE``: lengths (named like nnU-Net's ``nnUNetTrainer_Xepochs``) and
 ablations (one DALE component switched off)."""
+from nnunetv2_dale.budget import nnUNetTrainerBudget
 from nnunetv2_dale.trainer import nnUNetTrainerDALE
 
 
@@ -25,6 +26,10 @@ class nnUNetTrainerDALE_10epochs(nnUNetTrainerDALE):
 
 class nnUNetTrainerDALE_20epochs(nnUNetTrainerDALE):
     epochs = 20
+
+
+class nnUNetTrainerDALE_40epochs(nnUNetTrainerDALE):
+    epochs = 40
 
 
 class nnUNetTrainerDALE_50epochs(nnUNetTrainerDALE):
@@ -56,3 +61,11 @@ class nnUNetTrainerDALE_noConfidence(nnUNetTrainerDALE):
 class nnUNetTrainerDALE_noAlternation(nnUNetTrainerDALE):
     """Ablation: after warm-up, stable and fuzzy objectives summed in every epoch."""
     use_alternation = False
+
+
+class nnUNetTrainerBudget_20epochs(nnUNetTrainerBudget):
+    epochs = 20
+
+
+class nnUNetTrainerBudget_40epochs(nnUNetTrainerBudget):
+    epochs = 40
