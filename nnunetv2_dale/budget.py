@@ -17,8 +17,6 @@ from nnunetv2_dale.preflight import SetupError, check_path_variables, check_prep
 ITERS_ENV = "nnUNet_DALE_iters"
 VAL_ITERS_ENV = "nnUNet_DALE_val_iters"
 SAVE_EVERY_ENV = "nnUNet_DALE_save_every"
-MEMORY_FOLDER = "dale_memory"
-CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
 
 
 def _positive_int_from_env(name: str) -> int | None:

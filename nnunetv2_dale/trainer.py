@@ -33,6 +33,9 @@ from nnunetv2_dale.budget import nnUNetTrainerBudget
 from nnunetv2_dale.preflight import SetupError
 from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
 
+MEMORY_FOLDER = "dale_memory"
+CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
+
 class nnUNetTrainerDALE(nnUNetTrainerBudget):
     """nnU-Net trainer for noisy labels (DALE).
 

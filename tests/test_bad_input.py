@@ -1,7 +1,6 @@
 """Bad set-ups give one clear message (what is wrong, what to run) and no traceback."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 

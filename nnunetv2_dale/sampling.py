@@ -1,0 +1,79 @@
+"""Fuzzy-biased patch sampling for fuzzy phases (DESIGN.md 1.3).
+
+The data-augmentation workers are forked processes: they cannot see the trainer's state, but they
+can read files. At every epoch start the trainer writes ``dale_memory/sampling.json`` (phase,
+share of fuzzy-biased samples, the per-class mixtures); the training loader reads it (cached by
+modification time). In a fuzzy phase, that share of a batch's samples is centred on a voxel drawn
+from ``candidates`` random voxels of the case with probability proportional to its fuzzy
+membership 1 - omega (omega from the memory buffers, which are files the workers can read);
+the rest, and every sample in other phases, use nnU-Net's own sampling.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunetv2_dale.rsets import Mixture, loss_signal
+
+SAMPLING_FILE = "sampling.json"
+
+
+class FuzzySampler:
+    """Reads the trainer's sampling settings and proposes fuzzy patch centres."""
+
+    def __init__(self, memory_folder: str | os.PathLike, candidates: int = 256) -> None:
+        self.folder = Path(memory_folder)
+        self.candidates = candidates
+        self._mtime = None
+        self._settings: dict = {}
+        self._mixtures: list[Mixture] = []
+
+    def settings(self) -> dict:
+        path = self.folder / SAMPLING_FILE
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        if mtime != self._mtime:
+            try:
+                self._settings = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):  # being replaced right now: keep the last settings
+                return self._settings
+            self._mixtures = [Mixture.from_dict(m) for m in self._settings.get("mixtures", [])]
+            self._mtime = mtime
+        return self._settings
+
+    def propose(self, key: str, seg: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
+        """A (z, y, x) centre for a fuzzy-biased patch of case ``key``, or None (use nnU-Net's)."""
+        s = self.settings()
+        if s.get("phase") != "fuzzy" or rng.random() >= s.get("share", 0.0) or not self._mixtures:
+            return None
+        shape = seg.shape[1:]
+        n = int(np.prod(shape))
+        channels = s["channels"]
+        live = self.folder / "live"
+        idx = np.sort(rng.integers(0, n, size=self.candidates))
+        try:
+            q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n, channels))[idx].astype(np.float32)
+            visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[idx]
+        except (FileNotFoundError, ValueError):
+            return None
+        labels = np.asarray(seg[0]).reshape(-1)[idx].astype(np.int64).clip(0, len(self._mixtures) - 1)
+        qk = np.concatenate([1 - q, q], 1) if channels == 1 else q
+        agreement = torch.from_numpy(qk[np.arange(len(idx)), labels])
+        losses = loss_signal(agreement)
+        omega = np.ones(len(idx), dtype=np.float64)
+        known = visits >= s.get("min_visits", 3)
+        for c, mixture in enumerate(self._mixtures):
+            sel = known & (labels == c)
+            if sel.any():
+                omega[sel] = mixture.clean_posterior(losses[torch.from_numpy(sel)]).numpy()
+        weight = 1 - omega
+        if weight.sum() <= 1e-8:
+            return None
+        pick = idx[rng.choice(len(idx), p=weight / weight.sum())]
+        return tuple(int(c) for c in np.unravel_index(pick, shape))
