@@ -52,8 +52,12 @@ class CoordinateDataLoader(nnUNetDataLoader):
     """nnU-Net's training loader plus ``regression_target`` (coordinate maps) and ``case_shapes``.
 
     Same sampling, cropping and transforms as ``nnUNetDataLoader.generate_train_batch`` in
-    nnU-Net 2.8.1; the only additions are the coordinate map and the shapes of the cases.
+    nnU-Net 2.8.1; the additions are the coordinate map, the shapes of the cases, and, when a
+    ``sampler`` (:class:`nnunetv2_dale.sampling.FuzzySampler`) proposes a centre, a patch centred
+    there (through nnU-Net's own ``get_bbox``).
     """
+
+    sampler = None
 
     def generate_train_batch(self) -> dict:
         selected_keys = self.get_indices()
@@ -65,7 +69,13 @@ class CoordinateDataLoader(nnUNetDataLoader):
                 data, seg, seg_prev, properties = self._data.load_case(key)
                 shape = data.shape[1:]
                 shapes.append(tuple(int(s) for s in shape))
-                bbox_lbs, bbox_ubs = self.get_bbox(shape, force_fg, properties["class_locations"])
+                centre = None
+                if self.sampler is not None:
+                    centre = self.sampler.propose(key, seg, np.random.default_rng(np.random.randint(2 ** 31)))
+                if centre is not None:  # a one-voxel "class" at the fuzzy centre: get_bbox centres on it
+                    bbox_lbs, bbox_ubs = self.get_bbox(shape, True, {1: np.array([[0, *centre]])})
+                else:
+                    bbox_lbs, bbox_ubs = self.get_bbox(shape, force_fg, properties["class_locations"])
                 bbox = [[lo, hi] for lo, hi in zip(bbox_lbs, bbox_ubs)]
                 data_cropped = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
                 seg_cropped = torch.from_numpy(crop_and_pad_nd(seg, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
@@ -97,7 +107,7 @@ class CoordinateDataLoader(nnUNetDataLoader):
 
 
 @contextlib.contextmanager
-def training_loader_with_coordinates() -> Iterator[None]:
+def training_loader_with_coordinates(sampler=None) -> Iterator[None]:
     """While active, nnU-Net's ``get_dataloaders`` builds :class:`CoordinateDataLoader` for training.
 
     ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by its module-level name; the
@@ -113,7 +123,10 @@ def training_loader_with_coordinates() -> Iterator[None]:
     def factory(*args, **kwargs):
         cls = CoordinateDataLoader if not built else original
         built.append(cls.__name__)
-        return cls(*args, **kwargs)
+        loader = cls(*args, **kwargs)
+        if cls is CoordinateDataLoader:
+            loader.sampler = sampler
+        return loader
 
     trainer_module.nnUNetDataLoader = factory
     try:

@@ -27,6 +27,7 @@ from nnunetv2_dale.alignment import FeatureAlignment
 from nnunetv2_dale.coords import source_indices, training_loader_with_coordinates
 from nnunetv2_dale.loss import DALELoss, sharpen
 from nnunetv2_dale.rsets import Mixture, entropy_signal, fit_mixture, loss_signal
+from nnunetv2_dale.sampling import SAMPLING_FILE, FuzzySampler
 from nnunetv2_dale.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
 from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label, write_json_atomic
 from nnunetv2_dale.budget import nnUNetTrainerBudget
@@ -47,6 +48,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_sharpen_temperature`` (0.5): temperature of sharpen(q) in the collaborative target.
     - ``dale_align_weight`` (0.1): lambda, the maximum weight of the alignment term, reached after a
       linear ramp over ``dale_align_rampup_fraction`` (0.2) of the post-warm-up epochs.
+    - ``dale_fuzzy_sampling_share`` (0.5): in fuzzy phases, the share of patches centred on a voxel
+      drawn with probability proportional to its fuzzy membership (0 turns the bias off).
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -79,6 +82,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_sharpen_temperature = 0.5
         self.dale_align_weight = 0.1
         self.dale_align_rampup_fraction = 0.2
+        self.dale_fuzzy_sampling_share = 0.5
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -122,8 +126,16 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                               self.dale_use_alternation)
 
     def get_dataloaders(self):
-        with training_loader_with_coordinates():
+        sampler = FuzzySampler(self.memory_folder) if self.dale_fuzzy_sampling_share > 0 else None
+        with training_loader_with_coordinates(sampler):
             return super().get_dataloaders()
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.memory is not None and self.local_rank == 0:  # read by the augmentation workers
+            write_json_atomic(self.memory_folder / SAMPLING_FILE, {
+                "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
+                "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures]})
 
     def _build_memory(self) -> ConfidenceMemory:
         dataset_tr, _ = self.get_tr_and_val_datasets()

@@ -105,3 +105,36 @@ def test_patch_confidence_is_aligned_with_augmented_target(tiny2d, monkeypatch):
         assert (maps[0][known] > 0.99).float().mean() >= 0.99
         low = torch.nn.functional.interpolate(maps[0], batch["target"][1].shape[2:], mode="nearest-exact")
         torch.testing.assert_close(maps[1], low, equal_nan=True)
+
+
+def test_fuzzy_phase_centres_patches_on_fuzzy_voxels(tiny2d, monkeypatch, tmp_path):
+    """With a memory whose only disagreeing voxels lie in one corner, fuzzy-biased patches are
+    centred there; outside fuzzy phases the sampler proposes nothing."""
+    import json
+
+    from nnunetv2_dale.rsets import Mixture
+    from nnunetv2_dale.sampling import SAMPLING_FILE, FuzzySampler
+
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch, nnUNet_DALE_iters="1")
+    trainer.on_train_start()
+    dataset_tr, _ = trainer.get_tr_and_val_datasets()
+    key = sorted(trainer.memory.case_shapes)[0]
+    seg = np.asarray(dataset_tr.load_case(key)[1])
+    q = seg[0].astype(np.float32).copy()
+    q[:, :6, :6] = 1 - q[:, :6, :6]  # the model disagrees with the label only in this corner
+    flat = torch.from_numpy(q.reshape(-1))
+    for _ in range(3):
+        trainer.memory.update(key, torch.arange(flat.numel()), torch.stack([1 - flat, flat], 1),
+                              torch.from_numpy(seg[0].reshape(-1).astype(np.int64)))
+    mixture = Mixture((0.9, 0.1), (0.0, 5.0), (0.5, 1.0), True).to_dict()
+    settings = {"phase": "fuzzy", "share": 1.0, "min_visits": 3, "channels": 1, "mixtures": [mixture, mixture]}
+    (trainer.memory_folder / SAMPLING_FILE).write_text(json.dumps(settings))
+    sampler = FuzzySampler(trainer.memory_folder)
+    rng = np.random.default_rng(0)
+    centres = [sampler.propose(key, seg, rng) for _ in range(20)]
+    assert all(c is not None and c[1] < 6 and c[2] < 6 for c in centres), centres
+    (trainer.memory_folder / SAMPLING_FILE).write_text(json.dumps({**settings, "phase": "stable"}))
+    import os
+    os.utime(trainer.memory_folder / SAMPLING_FILE, ns=(1, 1))  # new mtime even within one clock tick
+    assert sampler.propose(key, seg, rng) is None
