@@ -114,8 +114,9 @@ def aniso3d(tmp_path_factory):
 
 
 def inprocess_trainer(tree: NNUNetTree, dataset_id: int, configuration: str, monkeypatch: pytest.MonkeyPatch,
-                      trainer_name: str = "nnUNetTrainerDALE_2epochs", **extra_env: str):
-    """A real trainer in this process (no augmentation workers), set up like nnUNetv2_train does."""
+                      trainer_name: str = "nnUNetTrainerDALE_20epochs", **extra_env: str):
+    """A real trainer in this process (no augmentation workers), set up like nnUNetv2_train does.
+    The default trainer name is used by no CLI test, so their output folders stay separate."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
