@@ -101,6 +101,17 @@ def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50) 
     return Mixture((float(w[0]), float(w[1])), (float(m[0]), float(m[1])), (float(s[0]), float(s[1])), True)
 
 
+def omega_per_voxel(losses: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, mixtures: list[Mixture],
+                    unknown_value: float = 1.0) -> torch.Tensor:
+    """omega from each voxel's class mixture; ``unknown_value`` where ``known`` is False."""
+    omega = torch.full(labels.shape, unknown_value)
+    for c, mixture in enumerate(mixtures):
+        sel = known & (labels == c)
+        if sel.any():
+            omega[sel] = mixture.clean_posterior(losses[sel])
+    return omega
+
+
 def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtures: list[Mixture],
                     min_visits: int) -> np.ndarray:
     """omega for every voxel of one case (arrays shaped like the case; ``q`` has a trailing channel
@@ -111,12 +122,8 @@ def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtu
     flat_q = torch.from_numpy(q.reshape(-1, q.shape[-1]).astype(np.float32))
     lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).clamp(0, k - 1)
     losses = loss_signal(agreement_with_label(flat_q, lab, k))
-    omega = torch.full(lab.shape, float("nan"))
     known = torch.from_numpy(visits.reshape(-1).astype(np.int64)) >= min_visits
-    for c, mixture in enumerate(mixtures):
-        sel = known & (lab == c)
-        omega[sel] = mixture.clean_posterior(losses[sel])
-    return omega.numpy().reshape(labels.shape)
+    return omega_per_voxel(losses, lab, known, mixtures, float("nan")).numpy().reshape(labels.shape)
 
 
 def auroc(scores: np.ndarray, positives: np.ndarray) -> float:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunetv2_dale.rsets import Mixture, loss_signal
+from nnunetv2_dale.rsets import Mixture, loss_signal, omega_per_voxel
 
 SAMPLING_FILE = "sampling.json"
 
@@ -64,14 +64,9 @@ class FuzzySampler:
             return None
         labels = np.asarray(seg[0]).reshape(-1)[idx].astype(np.int64).clip(0, len(self._mixtures) - 1)
         qk = np.concatenate([1 - q, q], 1) if channels == 1 else q
-        agreement = torch.from_numpy(qk[np.arange(len(idx)), labels])
-        losses = loss_signal(agreement)
-        omega = np.ones(len(idx), dtype=np.float64)
-        known = visits >= s.get("min_visits", 3)
-        for c, mixture in enumerate(self._mixtures):
-            sel = known & (labels == c)
-            if sel.any():
-                omega[sel] = mixture.clean_posterior(losses[torch.from_numpy(sel)]).numpy()
+        losses = loss_signal(torch.from_numpy(qk[np.arange(len(idx)), labels]))
+        known = torch.from_numpy(visits >= s.get("min_visits", 3))
+        omega = omega_per_voxel(losses, torch.from_numpy(labels), known, self._mixtures).double().numpy()
         weight = 1 - omega
         if weight.sum() <= 1e-8:
             return None

@@ -26,7 +26,7 @@ from nnunetv2_dale import __version__
 from nnunetv2_dale.alignment import FeatureAlignment
 from nnunetv2_dale.coords import source_indices, training_loader_with_coordinates
 from nnunetv2_dale.loss import DALELoss, sharpen
-from nnunetv2_dale.rsets import Mixture, entropy_signal, fit_mixture, loss_signal
+from nnunetv2_dale.rsets import Mixture, entropy_signal, fit_mixture, loss_signal, omega_per_voxel
 from nnunetv2_dale.sampling import SAMPLING_FILE, FuzzySampler
 from nnunetv2_dale.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
 from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label, write_json_atomic
@@ -258,21 +258,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         omega = torch.ones(shape)
         entropy = torch.zeros(shape)
         q_full = torch.zeros((shape[0], k, *shape[2:]))
-        ignore = self.label_manager.ignore_label
-        for b, key in enumerate(batch["keys"]):
-            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
-            labels = labels_full[b].reshape(-1).long()
-            if ignore is not None:
-                valid &= labels != ignore
+        for b, key, index, valid, labels in self._patch_voxels(batch):
             q, visits = self.memory.read(key, index)
             known = valid & (visits >= self.dale_min_visits)
             lab = labels.clamp(0, k - 1)
-            om = torch.ones(labels.shape)
-            agreement = agreement_with_label(q, lab, k)
-            losses = loss_signal(agreement)
-            for c, mixture in enumerate(self.mixtures):
-                sel = known & (lab == c)
-                om[sel] = mixture.clean_posterior(losses[sel])
+            om = omega_per_voxel(loss_signal(agreement_with_label(q, lab, k)), lab, known, self.mixtures)
             er = torch.where(known, entropy_signal(q), torch.zeros(()))
             qk = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
             onehot = torch.nn.functional.one_hot(lab, k).float()
@@ -288,6 +278,18 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         soft = omega * onehot + (1 - omega) * sharpen(q_full, self.dale_sharpen_temperature)
         return omega, reliable, fuzzy, soft
 
+    def _patch_voxels(self, batch: dict):
+        """Per sample: (b, case key, source index, valid mask, full-resolution label) of every patch
+        voxel; ignored-label voxels are not valid (they never update or read the memory)."""
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        ignore = self.label_manager.ignore_label
+        for b, key in enumerate(batch["keys"]):
+            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
+            labels = target[b].reshape(-1).long()
+            if ignore is not None:
+                valid &= labels != ignore
+            yield b, key, index, valid, labels
+
     @staticmethod
     def _to_scales(full: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
         """Downsample a full-resolution map to every deep-supervision target, as nnU-Net does."""
@@ -301,13 +303,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             return
         logits = output[0] if isinstance(output, (list, tuple)) else output
         probs = torch.softmax(logits.detach().float(), 1).cpu()
-        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        ignore = self.label_manager.ignore_label
-        for b, key in enumerate(batch["keys"]):
-            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
-            labels = target[b].reshape(-1).long()
-            if ignore is not None:
-                valid &= labels != ignore
+        for b, key, index, valid, labels in self._patch_voxels(batch):
             p = probs[b].reshape(probs.shape[1], -1).T
             self.memory.update(key, index[valid], p[valid], labels[valid])
 
