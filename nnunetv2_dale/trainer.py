@@ -221,13 +221,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
         targets = target if isinstance(target, list) else [target]
-        omega, reliable, fuzzy, soft = self.rset_maps(batch)
+        omega, reliable, fuzzy, soft, onehot = self.rset_maps(batch)
         ds = len(targets) > 1
         omegas = self._to_scales(omega, targets)
         terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
         loss = 0
-        labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-        onehot = torch.zeros(soft.shape).scatter_(1, labels_full.long().clamp(0, soft.shape[1] - 1), 1)
         if phase in (STABLE, JOINT):
             w = [o.to(self.device) for o in omegas]
             stable = self.loss(output, target, weights=w if ds else w[0])
@@ -251,7 +249,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     @torch.no_grad()
     def rset_maps(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """Per patch voxel (full resolution, CPU): omega (B,1,*S), reliable and fuzzy membership
-        (B,1,*S), and the collaborative target y~ (B,K,*S)."""
+        (B,1,*S), the collaborative target y~ (B,K,*S) and the one-hot label (B,K,*S)."""
         labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         k = len(self.label_manager.all_labels)
         shape = labels_full.shape
@@ -276,7 +274,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable, fuzzy = omega * (1 - entropy), 1 - omega
         onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
         soft = omega * onehot + (1 - omega) * sharpen(q_full, self.dale_sharpen_temperature)
-        return omega, reliable, fuzzy, soft
+        return omega, reliable, fuzzy, soft, onehot
 
     def _patch_voxels(self, batch: dict):
         """Per sample: (b, case key, source index, valid mask, full-resolution label) of every patch
@@ -316,14 +314,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         targets = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
         full = targets[0]
         conf = torch.full(full.shape, float("nan"), dtype=torch.float32)
-        for b, key in enumerate(batch["keys"]):
-            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
+        for b, key, index, valid, labels in self._patch_voxels(batch):
             q, visits = self.memory.read(key, index)
-            agreement = agreement_with_label(q, full[b].reshape(-1).long(), self.memory.num_classes)
+            agreement = agreement_with_label(q, labels, self.memory.num_classes)
             agreement[~valid | (visits == 0)] = float("nan")
             conf[b] = agreement.reshape(full.shape[1:])
-        return [conf if t.shape == conf.shape else
-                torch.nn.functional.interpolate(conf, t.shape[2:], mode="nearest-exact") for t in targets]
+        return self._to_scales(conf, targets)
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
