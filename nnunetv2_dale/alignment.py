@@ -6,7 +6,9 @@ effect in validation, final validation or inference). Reliable statistics: per c
 mean and diagonal variance over reliable voxels, updated without gradient (all-reduced under DDP).
 Fuzzy statistics: the same moments over the batch's fuzzy voxels. Loss: the closed-form
 2-Wasserstein distance between diagonal Gaussians, summed over classes and divided by the number
-of channels: sum_k ||mu_f - mu_r||^2 + ||sigma_f - sigma_r||^2, / C.
+of channels: sum_k ||mu_f - mu_r||^2 + ||sigma_f - sigma_r||^2, / C. With ``standardise`` every
+channel is first divided by the reliable standard deviation of its class, so the term is
+scale-free and the network cannot grow it by growing its feature magnitudes.
 """
 from __future__ import annotations
 
@@ -39,18 +41,21 @@ def weighted_moments(features: torch.Tensor, weights: torch.Tensor) -> tuple[tor
 
 
 def w2_diagonal(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor,
-                valid: torch.Tensor) -> torch.Tensor:
+                valid: torch.Tensor, standardise: bool = False) -> torch.Tensor:
     """Sum over classes (rows where ``valid``) of the squared 2-Wasserstein distance between
-    diagonal Gaussians, divided by the channel count."""
-    d = ((mean_a - mean_b) ** 2).sum(1) + ((var_a.clamp_min(1e-8).sqrt() - var_b.clamp_min(1e-8).sqrt()) ** 2).sum(1)
+    diagonal Gaussians, divided by the channel count; ``standardise`` measures every channel in
+    units of the standard deviation of ``b`` (the reference)."""
+    scale = var_b.clamp_min(1e-4) if standardise else torch.ones_like(var_b)
+    d = (((mean_a - mean_b) ** 2 + (var_a.clamp_min(1e-8).sqrt() - var_b.clamp_min(1e-8).sqrt()) ** 2) / scale).sum(1)
     return (d * valid).sum() / mean_a.shape[1]
 
 
 class FeatureAlignment:
     """Forward hook + running reliable moments + W2 loss."""
 
-    def __init__(self, num_classes: int, momentum: float = 0.1) -> None:
+    def __init__(self, num_classes: int, momentum: float = 0.1, standardise: bool = False) -> None:
         self.num_classes = num_classes
+        self.standardise = standardise
         self.momentum = momentum
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
@@ -100,7 +105,7 @@ class FeatureAlignment:
             return features.sum() * 0
         mean_f, var_f, total = weighted_moments(features.float(), weights.to(features.device))
         valid = (self.seen.to(features.device) & (total > 1)).float()
-        return w2_diagonal(mean_f, var_f, self.mean.detach(), self.var.detach(), valid)
+        return w2_diagonal(mean_f, var_f, self.mean.detach(), self.var.detach(), valid, self.standardise)
 
     def state(self) -> dict:
         return {"mean": None if self.mean is None else self.mean.cpu().tolist(),

@@ -4,7 +4,9 @@ the same budget, so that DALE and nnU-Net can be compared at identical epochs x 
 ``nnUNet_DALE_iters`` and ``nnUNet_DALE_val_iters`` override ``num_iterations_per_epoch`` (default
 250) and ``num_val_iterations_per_epoch`` (default 50); ``nnUNet_DALE_save_every`` overrides
 ``save_every`` (epochs between ``checkpoint_latest.pth`` writes, default 50), so that short CPU runs
-can be resumed with ``--c``. Epoch counts come from the class attribute ``epochs`` (length variants).
+can be resumed with ``--c``. Epoch counts come from the class attribute ``epochs`` (length variants)
+or, for any of our trainers, from ``nnUNet_DALE_epochs`` (what the benchmark uses, so that every
+trainer it compares runs the same length without a length variant per trainer).
 """
 import os
 from pathlib import Path
@@ -17,6 +19,7 @@ from nnunetv2_dale.preflight import SetupError, check_path_variables, check_prep
 ITERS_ENV = "nnUNet_DALE_iters"
 VAL_ITERS_ENV = "nnUNet_DALE_val_iters"
 SAVE_EVERY_ENV = "nnUNet_DALE_save_every"
+EPOCHS_ENV = "nnUNet_DALE_epochs"
 
 
 def _positive_int_from_env(name: str) -> int | None:
@@ -46,7 +49,7 @@ class nnUNetTrainerBudget(nnUNetTrainer):
         check_writable(Path(os.environ["nnUNet_results"]) / dataset_name, "the output folder")
         overrides = {attr: _positive_int_from_env(env) for attr, env in (
             ("num_iterations_per_epoch", ITERS_ENV), ("num_val_iterations_per_epoch", VAL_ITERS_ENV),
-            ("save_every", SAVE_EVERY_ENV))}
+            ("save_every", SAVE_EVERY_ENV), ("num_epochs", EPOCHS_ENV))}
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs = self.epochs
         for attr, value in overrides.items():

@@ -74,8 +74,11 @@ def histogram(losses: torch.Tensor) -> np.ndarray:
     return torch.bincount(idx, minlength=N_BINS).double().numpy()
 
 
-def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50) -> Mixture:
+def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50, tied: bool = False) -> Mixture:
     """EM for a two-component Gaussian mixture on a histogram of l (weights = bin counts).
+
+    ``tied``: both components share one variance, so omega is a logistic, monotone function of l
+    (untied, a narrow clean component makes omega drop to 0 for moderately confident voxels).
 
     Returns an unfitted mixture (omega = 1 everywhere) when there are too few samples or the two
     components collapse onto each other, i.e. when the data give no evidence of two populations.
@@ -94,6 +97,8 @@ def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50) 
         w = nk / nk.sum()
         m = (resp * x[None]).sum(1) / nk
         s = np.sqrt((resp * (x[None] - m[:, None]) ** 2).sum(1) / nk).clip(L_MAX / N_BINS / 2, None)
+        if tied:
+            s = np.full(2, np.sqrt((w * s ** 2).sum()))
     order = np.argsort(m)
     w, m, s = w[order], m[order], s[order]
     if m[1] - m[0] < 0.5 * (s[0] + s[1]) / 2 or min(w) < 1e-3:

@@ -45,9 +45,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_warmup_fraction`` (0.1): share of epochs trained with the stock loss first.
     - ``dale_phase_period`` (1): epochs per stable/fuzzy block.
     - ``dale_min_visits`` (3): voxels visited fewer times keep omega = 1.
+    - ``dale_mixture_tied`` (False): both mixture components share one variance (omega monotone in
+      the loss; see ``rsets.fit_mixture``).
     - ``dale_sharpen_temperature`` (0.5): temperature of sharpen(q) in the collaborative target.
     - ``dale_align_weight`` (0.1): lambda, the maximum weight of the alignment term, reached after a
       linear ramp over ``dale_align_rampup_fraction`` (0.2) of the post-warm-up epochs.
+    - ``dale_align_standardise`` (False): measure the alignment in reliable standard deviations.
     - ``dale_fuzzy_sampling_share`` (0.5): in fuzzy phases, the share of patches centred on a voxel
       drawn with probability proportional to its fuzzy membership (0 turns the bias off).
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
@@ -79,6 +82,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_warmup_fraction = 0.1
         self.dale_phase_period = 1
         self.dale_min_visits = 3
+        self.dale_mixture_tied = False
+        self.dale_align_standardise = False
         self.dale_sharpen_temperature = 0.5
         self.dale_align_weight = 0.1
         self.dale_align_rampup_fraction = 0.2
@@ -117,6 +122,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def initialize(self):
         super().initialize()
+        self.alignment.standardise = self.dale_align_standardise
         if self.dale_use_alignment:
             self.alignment.attach(self.network)
 
@@ -326,7 +332,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if self.memory is None:
             return
         visited, confidence, skipped, hist = self.memory.finish_epoch(self.is_ddp)
-        self.mixtures = [fit_mixture(h) for h in hist]
+        self.mixtures = [fit_mixture(h, tied=self.dale_mixture_tied) for h in hist]
         terms = {k: float(np.mean(v)) for k, v in self._epoch_terms.items()}
         self._epoch_terms = {}
         phase = self.phase()

@@ -1,5 +1,7 @@
 """Variants of ``nnUNetTrainerDALE``: lengths (named like nnU-Net's ``nnUNetTrainer_Xepochs``) and
 ablations (one DALE component switched off)."""
+import torch
+
 from nnunetv2_dale.budget import nnUNetTrainerBudget
 from nnunetv2_dale.trainer import nnUNetTrainerDALE
 
@@ -69,3 +71,13 @@ class nnUNetTrainerBudget_20epochs(nnUNetTrainerBudget):
 
 class nnUNetTrainerBudget_40epochs(nnUNetTrainerBudget):
     epochs = 40
+
+
+class nnUNetTrainerDALE_tiedStd(nnUNetTrainerDALE):
+    """Tuning candidate: tied-variance mixture (monotone omega) and standardised alignment."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_mixture_tied = True
+        self.dale_align_standardise = True

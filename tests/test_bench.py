@@ -1,0 +1,126 @@
+"""The noisy-label benchmark: noise specs, the noisy dataset copy, metrics, and one real tiny run
+of ``nnUNetv2_dale_bench`` (plan/preprocess, train two trainers, predict, score, report)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from PIL import Image
+
+from conftest import clean_env, run, tool
+from nnunetv2_dale.bench import noisy_copy, parse_noise
+from nnunetv2_dale.metrics import case_metrics, dice, hd95
+from nnunetv2_dale.noise import NoiseSpec
+from nnunetv2_dale.phantoms import make_phantom_dataset
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_parse_noise_specs_and_refusals():
+    assert parse_noise("clean").model == "none"
+    spec = parse_noise("alphabeta:alpha=0.3,beta=0.7")
+    assert (spec.model, spec.alpha, spec.beta) == ("alphabeta", 0.3, 0.7)
+    assert parse_noise("markov:alpha=1,steps=80,theta1=0.2").markov_steps == 80
+    with pytest.raises(SystemExit, match="unknown noise parameter 'gamma'"):
+        parse_noise("alphabeta:gamma=1")
+    with pytest.raises(SystemExit, match="unknown noise model 'salt'"):
+        parse_noise("salt:alpha=1")
+
+
+def test_metrics_against_hand_computed_values():
+    ref = np.zeros((1, 10, 10), dtype=np.uint8)
+    ref[0, 2:6, 2:6] = 1
+    pred = np.zeros_like(ref)
+    pred[0, 2:6, 3:7] = 1
+    assert dice(pred > 0, ref > 0) == pytest.approx(2 * 12 / 32)
+    a, b = np.zeros((12, 12), bool), np.zeros((12, 12), bool)
+    a[5, 5], b[8, 5] = True, True
+    assert hd95(a, b, (2.0, 1.0)) == pytest.approx(6.0)  # 3 voxels along an axis of 2 mm spacing
+    m = case_metrics(pred, ref, (999.0, 1.0, 1.0), [1], band_mm=1.0)["1"]  # 2D read as 1 x H x W
+    assert m["dice"] == pytest.approx(0.75) and m["hd95"] == pytest.approx(1.0)
+    perfect = case_metrics(ref, ref, (999.0, 1.0, 1.0), [1], band_mm=1.0)["1"]
+    assert perfect["band_dice"] == 1.0 and perfect["hd95"] == 0.0
+    empty = case_metrics(np.zeros_like(ref), ref, (999.0, 1.0, 1.0), [1], band_mm=1.0)["1"]
+    assert empty["dice"] == 0.0 and np.isnan(empty["hd95"])
+
+
+def test_noisy_copy_png_is_deterministic_and_never_touches_the_source(tmp_path):
+    src = tmp_path / "Dataset001_Src"
+    make_phantom_dataset(src, 2, 32, 10, 1, NoiseSpec("none", alpha=0), seed=3)
+    for sub in ("imagesTs", "labelsTs"):  # no test split: the benchmark holds one out itself
+        shutil.rmtree(src / sub)
+    before = _digest(src)
+    spec = NoiseSpec("alphabeta", alpha=1.0, beta=0.5)
+    a = noisy_copy(src, tmp_path / "Dataset002_A", spec, seed=7, test_fraction=0.2)
+    b = noisy_copy(src, tmp_path / "Dataset003_B", spec, seed=7, test_fraction=0.2)
+    c = noisy_copy(src, tmp_path / "Dataset004_C", spec, seed=8, test_fraction=0.2)
+    assert _digest(src) == before
+    assert (a["training_cases"], a["test_cases"]) == (8, 2) and a["corrupted_cases"] == 8
+    assert _digest(tmp_path / "Dataset002_A" / "labelsTr") == _digest(tmp_path / "Dataset003_B" / "labelsTr")
+    assert _digest(tmp_path / "Dataset002_A" / "labelsTr") != _digest(tmp_path / "Dataset004_C" / "labelsTr")
+    out = tmp_path / "Dataset002_A"
+    train = sorted(p.name for p in (out / "labelsTr").iterdir())
+    test = sorted(p.name for p in (out / "labelsTs").iterdir())
+    assert not set(train) & set(test) and len(list((out / "imagesTs").iterdir())) == 2
+    assert all(p.is_symlink() for p in (out / "imagesTr").iterdir())
+    for name in train:
+        clean = np.array(Image.open(out / "labelsTr_clean" / name)) > 0
+        noisy = np.array(Image.open(out / "labelsTr" / name)) > 0
+        changed = np.array(Image.open(out / "noiseTr" / name)) > 0
+        assert np.array_equal(changed, clean ^ noisy)
+        assert changed.sum() >= 0.3 * clean.sum()  # alpha = 1: every case changed by about beta (0.5) or more
+    for name in test:  # test labels stay clean
+        assert np.array_equal(np.array(Image.open(out / "labelsTs" / name)),
+                              np.array(Image.open(src / "labelsTr" / name)))
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 8
+
+
+def test_noisy_copy_nifti_keeps_geometry(tmp_path):
+    src = tmp_path / "Dataset001_Src3D"
+    make_phantom_dataset(src, 3, 16, 4, 2, NoiseSpec("none", alpha=0), seed=1, spacing=(3.0, 1.0, 1.0))
+    noisy_copy(src, tmp_path / "Dataset002_N", NoiseSpec("markov", alpha=1.0, markov_steps=10), seed=0,
+               test_fraction=0.2)
+    for f in sorted((src / "labelsTr").glob("*.nii.gz")):
+        a, b = sitk.ReadImage(str(f)), sitk.ReadImage(str(tmp_path / "Dataset002_N" / "labelsTr" / f.name))
+        assert (a.GetSize(), a.GetSpacing(), a.GetOrigin(), a.GetDirection()) == \
+               (b.GetSize(), b.GetSpacing(), b.GetOrigin(), b.GetDirection())
+        assert not np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
+
+
+def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [tool("nnUNetv2_dale_bench"), "-s", "phantoms:2:32:10", "-o", str(out), "--noise", "clean",
+           "alphabeta:alpha=1,beta=0.5", "-tr", "nnUNetTrainer", "nnUNetTrainerDALE", "--epochs", "2",
+           "--iters", "4"]
+    env = clean_env()
+    proc = run(cmd, env, timeout=1200)
+    assert "epoch" in proc.stdout and "wrote" in proc.stdout  # progress and report
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == 4 and results["settings"]["epochs"] == 2 and results["versions"]["nnunetv2"]
+    for record in runs.values():
+        assert 0.0 <= record["metrics"]["dice"] <= 1.0 and len(record["per_case"]) == 4
+        log = (out / record["log"]).read_text()
+        assert "Budget: 2 epochs x 4 iterations" in log  # every trainer ran the same budget
+    dale = next(r for r in runs.values() if r["trainer"] == "nnUNetTrainerDALE" and r["noise"] != "clean")
+    assert 0.0 <= dale["noise_detection"]["auroc"] <= 1.0 and dale["noise_detection"]["known_fraction"] > 0.5
+    assert next(r for r in runs.values() if r["trainer"] == "nnUNetTrainer")["trainer_class"] == "nnUNetTrainerBudget"
+    report = (out / "report.md").read_text()
+    assert report.count("| Phantom2D |") == 4 and "Δ Dice" in report
+    for fig in ("dice_vs_noise_Phantom2D.png", "examples_test_Phantom2D.png", "examples_train_Phantom2D.png"):
+        assert (out / fig).stat().st_size > 1000
+    # rerunning the same command re-scores but does not retrain
+    logs = {p: p.stat().st_mtime for p in (out / "logs").iterdir()}
+    run(cmd, env, timeout=600)
+    assert {p: p.stat().st_mtime for p in (out / "logs").iterdir()} == logs
