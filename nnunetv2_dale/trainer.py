@@ -45,12 +45,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_warmup_fraction`` (0.1): share of epochs trained with the stock loss first.
     - ``dale_phase_period`` (1): epochs per stable/fuzzy block.
     - ``dale_min_visits`` (3): voxels visited fewer times keep omega = 1.
-    - ``dale_mixture_tied`` (False): both mixture components share one variance (omega monotone in
-      the loss; see ``rsets.fit_mixture``).
+    - ``dale_mixture_tied`` (True): both mixture components share one variance (omega monotone in
+      the loss; see ``rsets.fit_mixture``). False was the 0.1.0 default (``nnUNetTrainerDALE_v01``).
     - ``dale_sharpen_temperature`` (0.5): temperature of sharpen(q) in the collaborative target.
     - ``dale_align_weight`` (0.1): lambda, the maximum weight of the alignment term, reached after a
       linear ramp over ``dale_align_rampup_fraction`` (0.2) of the post-warm-up epochs.
-    - ``dale_align_standardise`` (False): measure the alignment in reliable standard deviations.
+    - ``dale_align_standardise`` (True): measure the alignment in reliable standard deviations
+      (False, raw feature units, was the 0.1.0 default).
     - ``dale_fuzzy_sampling_share`` (0.5): in fuzzy phases, the share of patches centred on a voxel
       drawn with probability proportional to its fuzzy membership (0 turns the bias off).
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
@@ -82,8 +83,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_warmup_fraction = 0.1
         self.dale_phase_period = 1
         self.dale_min_visits = 3
-        self.dale_mixture_tied = False
-        self.dale_align_standardise = False
+        self.dale_mixture_tied = True
+        self.dale_align_standardise = True
         self.dale_sharpen_temperature = 0.5
         self.dale_align_weight = 0.1
         self.dale_align_rampup_fraction = 0.2

@@ -73,11 +73,12 @@ class nnUNetTrainerBudget_40epochs(nnUNetTrainerBudget):
     epochs = 40
 
 
-class nnUNetTrainerDALE_tiedStd(nnUNetTrainerDALE):
-    """Tuning candidate: tied-variance mixture (monotone omega) and standardised alignment."""
+class nnUNetTrainerDALE_v01(nnUNetTrainerDALE):
+    """The defaults of nnunetv2-dale 0.1.0 (untied mixture, alignment in raw feature units), kept
+    to reproduce ``benchmarks/results/noisy_ddti_alpha0.7_beta0.5_seed0.json``."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_mixture_tied = True
-        self.dale_align_standardise = True
+        self.dale_mixture_tied = False
+        self.dale_align_standardise = False
