@@ -4,8 +4,9 @@ Reads a DALE fold (finished or still training; see ``export.FoldConfidence`` for
 and writes to ``-o`` (default ``<fold>/label_audit``):
 
 - ``confidence/<case><ending>``: omega per voxel in the case's ORIGINAL geometry. NIfTI and other
-  SimpleITK formats: float32, NaN = unknown (not visited enough, or outside nnU-Net's crop). PNG
-  (2D datasets): 8-bit, 0 = unknown, 1..255 = omega (value - 1) / 254.
+  SimpleITK formats: float32 in [0, 1], -1 = unknown (not visited enough, or outside nnU-Net's
+  crop; not NaN, which ITK's NIfTI reader turns into 0). PNG (2D datasets): 8-bit, 0 = unknown,
+  1..255 = omega (value - 1) / 254.
 - ``suspect/<case><ending>``: 1 where omega < ``--threshold`` (default 0.5), written with
   nnU-Net's own segmentation writer, so it opens next to the raw label in any viewer.
 - ``label_audit.csv``: one row per case, worst first (by suspect volume relative to the labelled
@@ -43,7 +44,7 @@ def _fold_dir(dataset: str, configuration: str, fold: str, trainer: str, plans: 
 
 
 def write_confidence(omega: np.ndarray, path: Path, properties: dict, ending: str) -> None:
-    """omega (raw geometry, NaN unknown) as float NIfTI/MHA/... or encoded 8-bit PNG."""
+    """omega (raw geometry, NaN unknown) as float NIfTI/MHA/... (-1 unknown) or encoded 8-bit PNG."""
     if ending.lower() == ".png":
         from PIL import Image
 
@@ -53,7 +54,7 @@ def write_confidence(omega: np.ndarray, path: Path, properties: dict, ending: st
     import SimpleITK as sitk
 
     stuff = properties["sitk_stuff"]
-    array = omega.astype(np.float32)
+    array = np.where(np.isfinite(omega), omega, -1.0).astype(np.float32)
     if len(stuff["spacing"]) == 2:
         array = array[0]
     image = sitk.GetImageFromArray(array)
