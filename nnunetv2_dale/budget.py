@@ -11,6 +11,7 @@ trainer it compares runs the same length without a length variant per trainer).
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -57,3 +58,11 @@ class nnUNetTrainerBudget(nnUNetTrainer):
                 setattr(self, attr, value)
         self.print_to_log_file(f"Budget: {self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations "
                                f"(+{self.num_val_iterations_per_epoch} validation), checkpoint every {self.save_every}.")
+
+    def deep_supervision_weights(self) -> list[float] | None:
+        """nnU-Net 2.8.1's output weights (1/2^i, lowest output 0, normalised), for our own losses."""
+        if not self.enable_deep_supervision:
+            return None
+        weights = np.array([1 / (2 ** i) for i in range(len(self._get_deep_supervision_scales()))])
+        weights[-1] = 1e-6 if self.is_ddp and not self._do_i_compile() else 0  # as nnU-Net does
+        return list(weights / weights.sum())

@@ -111,15 +111,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         return Path(self.output_folder) / MEMORY_FOLDER
 
     def _build_loss(self):
-        if self.enable_deep_supervision:
-            scales = self._get_deep_supervision_scales()
-            weights = np.array([1 / (2 ** i) for i in range(len(scales))])
-            weights[-1] = 1e-6 if self.is_ddp and not self._do_i_compile() else 0  # as nnU-Net does
-            ds_weights = list(weights / weights.sum())
-        else:
-            ds_weights = None
         return DALELoss(self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
-                        ds_weights)
+                        self.deep_supervision_weights())
 
     def initialize(self):
         super().initialize()
