@@ -339,14 +339,14 @@ def run(args: argparse.Namespace, out: Path) -> None:
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     settings = {k: v for k, v in vars(args).items() if k not in ("report_only",)}
     results.update(settings={**settings, "source": str(source)}, versions=versions())
+    results.setdefault("invocations", []).append(results["settings"])  # one benchmark folder may be extended
     results.setdefault("runs", {})
     total = len(specs) * len(args.seeds) * len(args.trainers)
     done = 0
     t_start = time.time()
-    for si, (text, spec) in enumerate(specs):
+    for text, spec in specs:
         for seed in args.seeds:
-            did = args.dataset_id + si * len(args.seeds) + args.seeds.index(seed)
-            name = f"Dataset{did:03d}_{short}{noise_tag(text)}s{seed}"
+            did, name = dataset_slot(out / "nnUNet_raw", f"{short}{noise_tag(text)}s{seed}", args.dataset_id)
             raw = out / "nnUNet_raw" / name
             pre = out / "nnUNet_preprocessed" / name
             noise_file = raw / "noise_info.json"
@@ -390,6 +390,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
                                env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 per_case = score(raw, pred, dataset_json, args.band)
                 record.update(dataset=short, noise=text, noise_info=info, seed=seed, trainer=trainer,
+                              budget={k: settings[k] for k in ("epochs", "iters", "batch_size", "feature_scale")},
                               trainer_class=real, configuration=configuration, metrics=aggregate(per_case),
                               per_case=per_case, log=str(log.relative_to(out)), predictions=str(pred.relative_to(out)))
                 if (fold / "dale_memory").is_dir() and spec.model != "none":
@@ -401,6 +402,21 @@ def run(args: argparse.Namespace, out: Path) -> None:
                 print(f"{label}: Dice {m['dice']:.4f}, band Dice {m['band_dice']:.4f}, HD95 {m['hd95']:.2f}"
                       + (f", noise AUROC {det:.3f}" if det is not None else "")
                       + f" ({(time.time() - t_start) / 60:.1f} min so far)", flush=True)
+
+
+def dataset_slot(raw_root: Path, suffix: str, first_id: int) -> tuple[int, str]:
+    """(id, DatasetXXX_suffix): the id this benchmark folder already uses for ``suffix``, else the
+    first id >= ``first_id`` it does not use yet (later runs may add noise levels or trainers)."""
+    used = {}
+    for folder in raw_root.glob("Dataset[0-9][0-9][0-9]_*"):
+        used[int(folder.name[7:10])] = folder.name[11:]
+    for did, existing in used.items():
+        if existing == suffix:
+            return did, f"Dataset{did:03d}_{suffix}"
+    did = first_id
+    while did in used:
+        did += 1
+    return did, f"Dataset{did:03d}_{suffix}"
 
 
 def _is_2d(raw: Path) -> bool:

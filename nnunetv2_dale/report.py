@@ -228,9 +228,8 @@ def write_report(out: Path) -> Path:
         print(f"nnunetv2-dale: example figures skipped ({e.__class__.__name__}: {e})")
     text = [
         "# Noisy-label benchmark", "",
-        f"Source `{s['source']}`; noise levels {', '.join(f'`{n}`' for n in s['noise'])}; seeds {s['seeds']}; "
-        f"{s['epochs']} epochs x {s['iters']} iterations; CPU plans: batch {s['batch_size']}, feature widths x "
-        f"{s['feature_scale']}; fold 0. Test labels are clean; noise is injected into training labels only. "
+        f"Source `{s['source']}`; {_budgets(results)}; fold 0. Test labels are clean; noise is injected into "
+        "training labels only. "
         f"`{BASELINE}` runs as `nnUNetTrainerBudget` (stock nnU-Net with the same budget).", "",
         "Dice, band Dice (within ±" + f"{s['band']:g} voxels of the true boundary) and HD95 are means over test cases "
         "of the foreground classes; ± is the standard deviation over seeds (shown when there are several). "
@@ -241,7 +240,8 @@ def write_report(out: Path) -> Path:
         "## Cost", "", cost_section(results.get("cost")), "",
         "## Figures", "", *[f"![{f}]({f})" for f in figures], "",
         "## Versions", "", "```", json.dumps(results.get("versions", {}), indent=1), "```", "",
-        f"Reproduce: `nnUNetv2_dale_bench {_command(s)}`",
+        "Reproduce (every invocation that wrote into this folder, in order):", "",
+        *[f"    nnUNetv2_dale_bench {_command(inv)}" for inv in results.get("invocations", [s])],
     ]
     path = out / "report.md"
     path.write_text("\n".join(text) + "\n")
@@ -249,9 +249,20 @@ def write_report(out: Path) -> Path:
     return path
 
 
+def _budgets(results: dict) -> str:
+    s = results["settings"]
+    default = {k: s[k] for k in ("epochs", "iters", "batch_size", "feature_scale")}  # results of older versions
+    budgets = {json.dumps(r.get("budget", default), sort_keys=True) for r in results.get("runs", {}).values()}
+    if len(budgets) != 1:
+        return "budgets differ between runs (see each run's `budget` in results.json)"
+    b = json.loads(budgets.pop())
+    return (f"every run {b['epochs']} epochs x {b['iters']} iterations, CPU plans: batch {b['batch_size']}, "
+            f"feature widths x {b['feature_scale']}")
+
+
 def _command(s: dict) -> str:
     if s.get("preset"):
-        return f"--preset {s['preset']} -o OUT"
+        return f"--preset {s['preset']}" + (" --cost" if s.get("cost") else "") + " -o OUT"
     parts = [f"-s {s['source']}", "--noise " + " ".join(s["noise"]), "-tr " + " ".join(s["trainers"]),
              f"--epochs {s['epochs']} --iters {s['iters']} --batch-size {s['batch_size']} "
              f"--feature-scale {s['feature_scale']}", "--seeds " + " ".join(map(str, s["seeds"])), "-o OUT"]
