@@ -42,9 +42,10 @@ PRESETS = {
                                                                 "alphabeta:alpha=0.7,beta=0.7"],
                  trainers=["nnUNetTrainer", "nnUNetTrainerDALE"], epochs=20, iters=50, batch_size=8,
                  feature_scale=0.5, seeds=[0]),
-    "phantoms": dict(source="phantoms:2d:64:60", noise=["clean", "alphabeta:alpha=0.7,beta=0.5",
+    "phantoms": dict(source="phantoms:2:64:60", noise=["clean", "alphabeta:alpha=0.7,beta=0.5",
                                                         "alphabeta:alpha=0.7,beta=0.7"],
-                     trainers=["nnUNetTrainer", "nnUNetTrainerDALE"], epochs=20, iters=25, batch_size=8,
+                     trainers=["nnUNetTrainer", "nnUNetTrainerDALE", "nnUNetTrainerSVLS", "nnUNetTrainerGCE",
+                               "nnUNetTrainerTLoss"], epochs=20, iters=25, batch_size=8,
                      feature_scale=0.5, seeds=[0]),
 }
 
@@ -261,12 +262,25 @@ def versions() -> dict:
     return out
 
 
+def parse_phantom_source(source: str) -> tuple[int, int, int]:
+    """``phantoms[:DIM[:SIZE[:NUM_TRAIN]]]`` -> (dim, size, num_train); defaults 2, 64, 60."""
+    parts = source.split(":")[1:]
+    try:
+        dim, size, num = (int(v) for v in (parts + ["2", "64", "60"][len(parts):])[:3])
+    except ValueError:
+        raise SystemExit(f"nnunetv2-dale: cannot read {source!r}; write phantoms:DIM:SIZE:NUM_TRAIN, "
+                         "e.g. phantoms:2:64:60") from None
+    if dim not in (2, 3):
+        raise SystemExit(f"nnunetv2-dale: phantoms must be 2D or 3D, got {dim} in {source!r}")
+    return dim, size, num
+
+
 def resolve_source(source: str, workdir: Path) -> tuple[Path, str]:
     """A raw dataset folder, or ``phantoms:DIM:SIZE:NUM_TRAIN`` (generated, clean labels)."""
     if source.startswith("phantoms"):
         from nnunetv2_dale.phantoms import make_phantom_dataset
 
-        _, dim, size, num = (source.split(":") + ["2", "64", "60"])[:4]
+        dim, size, num = parse_phantom_source(source)
         folder = workdir / "sources" / f"Dataset000_Phantom{dim}D"
         if not (folder / "dataset.json").is_file():
             make_phantom_dataset(folder, int(dim), int(size), int(num), max(4, int(num) // 3), NoiseSpec("none", alpha=0),

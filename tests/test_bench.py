@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import clean_env, run, tool
-from nnunetv2_dale.bench import noisy_copy, parse_noise
+from nnunetv2_dale.bench import PRESETS, noisy_copy, parse_noise, parse_phantom_source
 from nnunetv2_dale.metrics import case_metrics, dice, hd95
 from nnunetv2_dale.noise import NoiseSpec
 from nnunetv2_dale.phantoms import make_phantom_dataset
@@ -36,6 +36,17 @@ def test_parse_noise_specs_and_refusals():
         parse_noise("alphabeta:gamma=1")
     with pytest.raises(SystemExit, match="unknown noise model 'salt'"):
         parse_noise("salt:alpha=1")
+
+
+def test_presets_and_phantom_sources_parse():
+    for preset in PRESETS.values():
+        [parse_noise(n) for n in preset["noise"]]
+        if preset["source"].startswith("phantoms"):
+            assert parse_phantom_source(preset["source"])[0] in (2, 3)
+    assert parse_phantom_source("phantoms") == (2, 64, 60)
+    assert parse_phantom_source("phantoms:3:32") == (3, 32, 60)
+    with pytest.raises(SystemExit, match="phantoms:DIM:SIZE:NUM_TRAIN"):
+        parse_phantom_source("phantoms:2d:64")
 
 
 def test_metrics_against_hand_computed_values():
