@@ -1,12 +1,15 @@
 """Bad set-ups give one clear message (what is wrong, what to run) and no traceback."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from conftest import NNUNetTree, clean_env, run, tool
+from nnunetv2_dale.noise import NoiseSpec
+from nnunetv2_dale.phantoms import make_phantom_dataset
 
 
 def assert_clear_failure(proc, *needles: str) -> None:
@@ -82,3 +85,19 @@ def test_trainer_startup_errors_through_nnunet_cli(tiny2d, tmp_path):
     assert_clear_failure(run(train, copy.env(), check=False), "no preprocessed data for '2d'",
                          f"nnUNetv2_preprocess -d {did} -c 2d")
     assert not any(Path(copy.results).rglob("*.pth"))
+
+
+@pytest.mark.slow
+def test_region_based_dataset_is_refused_with_the_alternative(tmp_path):
+    """BraTS-style regions (regions_class_order): DALE's confidence is per class, so it refuses
+    at start and names the stock trainer."""
+    tree = NNUNetTree(tmp_path)
+    raw = make_phantom_dataset(tree.raw / "Dataset986_Regions", 2, 32, 5, 1, NoiseSpec("none", alpha=0), seed=986)
+    ds = json.loads((raw / "dataset.json").read_text())
+    ds.update(labels={"background": 0, "whole": [1, 2], "core": [2]}, regions_class_order=[1, 2])
+    (raw / "dataset.json").write_text(json.dumps(ds))
+    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "986", "-c", "2d", "-np", "1"], tree.env())
+    proc = run([tool("nnUNetv2_train"), "986", "2d", "0", "-tr", "nnUNetTrainerDALE_1epoch", "-device", "cpu"],
+               tree.env(), check=False)
+    assert_clear_failure(proc, "region-based training", "-tr nnUNetTrainer")
+    assert not any(tree.results.rglob("*.pth"))
