@@ -42,10 +42,10 @@ PRESETS = {
                                                                 "alphabeta:alpha=0.7,beta=0.7"],
                  trainers=["nnUNetTrainer", "nnUNetTrainerDALE"], epochs=20, iters=50, batch_size=8,
                  feature_scale=0.5, seeds=[0]),
-    "phantoms": dict(source="phantoms:2:64:60", noise=["clean", "alphabeta:alpha=0.7,beta=0.5",
+    "phantoms": dict(source="phantoms:2:48:40", noise=["clean", "alphabeta:alpha=0.7,beta=0.5",
                                                         "alphabeta:alpha=0.7,beta=0.7"],
                      trainers=["nnUNetTrainer", "nnUNetTrainerDALE", "nnUNetTrainerSVLS", "nnUNetTrainerGCE",
-                               "nnUNetTrainerTLoss"], epochs=20, iters=25, batch_size=8,
+                               "nnUNetTrainerTLoss"], epochs=15, iters=20, batch_size=8,
                      feature_scale=0.5, seeds=[0]),
 }
 
