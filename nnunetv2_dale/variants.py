@@ -60,6 +60,15 @@ class nnUNetTrainerDALE_noConfidence(nnUNetTrainerDALE):
     use_confidence = False
 
 
+class nnUNetTrainerDALE_noFuzzySampling(nnUNetTrainerDALE):
+    """Ablation: fuzzy phases sample patches like nnU-Net (no bias toward fuzzy voxels)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_fuzzy_sampling_share = 0.0
+
+
 class nnUNetTrainerDALE_noAlternation(nnUNetTrainerDALE):
     """Ablation: after warm-up, stable and fuzzy objectives summed in every epoch."""
     use_alternation = False
