@@ -74,8 +74,8 @@ def test_noisy_copy_png_is_deterministic_and_never_touches_the_source(tmp_path):
     before = _digest(src)
     spec = NoiseSpec("alphabeta", alpha=1.0, beta=0.5)
     a = noisy_copy(src, tmp_path / "Dataset002_A", spec, seed=7, test_fraction=0.2)
-    b = noisy_copy(src, tmp_path / "Dataset003_B", spec, seed=7, test_fraction=0.2)
-    c = noisy_copy(src, tmp_path / "Dataset004_C", spec, seed=8, test_fraction=0.2)
+    noisy_copy(src, tmp_path / "Dataset003_B", spec, seed=7, test_fraction=0.2)
+    noisy_copy(src, tmp_path / "Dataset004_C", spec, seed=8, test_fraction=0.2)
     assert _digest(src) == before
     assert (a["training_cases"], a["test_cases"]) == (8, 2) and a["corrupted_cases"] == 8
     assert _digest(tmp_path / "Dataset002_A" / "labelsTr") == _digest(tmp_path / "Dataset003_B" / "labelsTr")
