@@ -19,17 +19,9 @@ import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
-
-BIN = Path(sys.executable).parent
-
-
-def tool(name: str) -> str:
-    return str(BIN / name) if (BIN / name).exists() else name
-
 
 def precision_at(ranked: list[str], corrupted: set[str], k: int) -> float:
     return len(set(ranked[:k]) & corrupted) / k if k else float("nan")
@@ -43,7 +35,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="JSON result file")
     args = p.parse_args()
     from cleanlab.segmentation.rank import get_label_quality_scores
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    from nnunetv2_dale.preflight import tool
+    from nnunetv2_dale.export import reader_writer
 
     bench = Path(args.bench).resolve()
     results = json.loads((bench / "results.json").read_text())
@@ -69,7 +63,7 @@ def main() -> None:
     raw = bench / "nnUNet_raw" / args.dataset
     ds = json.loads((raw / "dataset.json").read_text())
     ending = ds["file_ending"]
-    rw = determine_reader_writer_from_dataset_json(ds, str(next((raw / "labelsTr").glob(f"*{ending}"))), verbose=False)()
+    rw = reader_writer(ds, next((raw / "labelsTr").glob(f"*{ending}")))
     cases = sorted(f.name[: -len(ending)] for f in (raw / "labelsTr").glob(f"*{ending}"))
     corrupted = {c for c in cases if rw.read_seg(str(raw / "noiseTr" / f"{c}{ending}"))[0].any()}
     labels, probs = [], []

@@ -66,14 +66,15 @@ def write_confidence(omega: np.ndarray, path: Path, properties: dict, ending: st
 
 def audit(fc: FoldConfidence, raw: Path, out: Path, threshold: float, pictures: int) -> list[dict]:
     """Write maps, CSV, summary and overlays; return the CSV rows, worst first."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2_dale.export import reader_writer
+    from nnunetv2_dale.metrics import physical_spacing
 
     ending = fc.dataset_json["file_ending"]
     first = raw / "labelsTr" / f"{fc.keys[0]}{ending}"
     if not first.is_file():
         raise SystemExit(f"nnunetv2-dale: {first} not found. The audit writes maps in the geometry of the raw labels: "
                          "set nnUNet_raw to the folder this fold was preprocessed from.")
-    rw = determine_reader_writer_from_dataset_json(fc.dataset_json, str(first), verbose=False)()
+    rw = reader_writer(fc.dataset_json, first)
     for sub in ("confidence", "suspect", "overlays"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     classes = sorted(fc.label_manager.all_labels)
@@ -91,8 +92,7 @@ def audit(fc: FoldConfidence, raw: Path, out: Path, threshold: float, pictures: 
         suspect = np.isfinite(omega) & (omega < threshold)
         write_confidence(omega, out / "confidence" / f"{key}{ending}", label_props, ending)
         rw.write_seg(suspect.astype(np.uint8), str(out / "suspect" / f"{key}{ending}"), label_props)
-        spacing = [s for s in label_props["spacing"] if s < 999] or [1.0]
-        voxel_mm3 = float(np.prod(spacing))
+        voxel_mm3 = float(np.prod(physical_spacing(label_props["spacing"])))
         fg = (label > 0) & (label != ignore if ignore is not None else True)
         row = {"case": key, "suspect_voxels": int(suspect.sum()), "suspect_mm3": round(float(suspect.sum()) * voxel_mm3, 3),
                "suspect_share_of_foreground": round(float((suspect & fg).sum() / fg.sum()), 4) if fg.any() else 0.0,

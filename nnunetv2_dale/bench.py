@@ -32,7 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_dale.export import reader_writer
 from nnunetv2_dale.noise import NoiseSpec, changed_fraction
+from nnunetv2_dale.preflight import tool
 
 BASELINE_ALIAS = {"nnUNetTrainer": "nnUNetTrainerBudget"}
 SPLIT_SEED = 12345  # the held-out test split is the same for every noise level and seed
@@ -48,11 +50,6 @@ PRESETS = {
                                "nnUNetTrainerTLoss"], epochs=15, iters=20, batch_size=8,
                      feature_scale=0.5, seeds=[0]),
 }
-
-
-def tool(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.exists() else name
 
 
 # ------------------------------------------------------------------ noise specs
@@ -82,12 +79,6 @@ def noise_tag(text: str) -> str:
 
 
 # --------------------------------------------------------------- dataset copy
-def _reader_writer(dataset_json: dict, example: Path):
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    return determine_reader_writer_from_dataset_json(dataset_json, str(example), verbose=False)()
-
-
 def _cases(folder: Path, ending: str) -> list[str]:
     return sorted(p.name[: -len(ending)] for p in folder.glob(f"*{ending}")) if folder.is_dir() else []
 
@@ -115,7 +106,7 @@ def noisy_copy(source: Path, target: Path, spec: NoiseSpec, seed: int, test_frac
         shutil.rmtree(target)
     for sub in ("imagesTr", "labelsTr", "labelsTr_clean", "imagesTs", "labelsTs", "noiseTr"):
         (target / sub).mkdir(parents=True)
-    rw = _reader_writer(ds, source / "labelsTr" / f"{train[0]}{ending}")
+    rw = reader_writer(ds, source / "labelsTr" / f"{train[0]}{ending}")
     for split, cases, src_dir in (("Tr", train, "Tr"), ("Ts", test, test_dir)):
         for case in cases:
             for image in sorted((source / f"images{src_dir}").glob(f"{case}_[0-9][0-9][0-9][0-9]{ending}")):
@@ -196,18 +187,18 @@ def train_with_progress(cmd: list[str], env: dict, log: Path, label: str, epochs
 
 def score(raw: Path, pred: Path, dataset_json: dict, band_voxels: float) -> dict:
     """Per-case metrics of ``pred`` against the clean ``raw/labelsTs``."""
-    from nnunetv2_dale.metrics import case_metrics
+    from nnunetv2_dale.metrics import case_metrics, physical_spacing
 
     ending = dataset_json["file_ending"]
     cases = _cases(raw / "labelsTs", ending)
-    rw = _reader_writer(dataset_json, raw / "labelsTs" / f"{cases[0]}{ending}")
+    rw = reader_writer(dataset_json, raw / "labelsTs" / f"{cases[0]}{ending}")
     labels = sorted(v for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
     per_case = {}
     for case in cases:
         ref, props = rw.read_seg(str(raw / "labelsTs" / f"{case}{ending}"))
         out, _ = rw.read_seg(str(pred / f"{case}{ending}"))
-        spacing = [s for s in props["spacing"] if s < 999] or [1.0]
-        per_case[case] = case_metrics(out[0], ref[0], tuple(props["spacing"]), labels, band_voxels * min(spacing))
+        per_case[case] = case_metrics(out[0], ref[0], tuple(props["spacing"]), labels,
+                                      band_voxels * min(physical_spacing(props["spacing"])))
     return per_case
 
 
@@ -230,7 +221,7 @@ def noise_auroc(fold_dir: Path, preprocessed_root: Path, raw: Path, dataset_json
 
     fc = FoldConfidence(fold_dir, preprocessed_root)
     ending = dataset_json["file_ending"]
-    rw = _reader_writer(dataset_json, raw / "noiseTr" / f"{fc.keys[0]}{ending}")
+    rw = reader_writer(dataset_json, raw / "noiseTr" / f"{fc.keys[0]}{ending}")
     scores, positives, total = [], [], 0
     for key in fc.keys:
         omega, _, props = fc.preprocessed(key)
@@ -437,7 +428,7 @@ def _is_2d(raw: Path) -> bool:
     """2D data: nnU-Net's readers return labels shaped (1, 1, H, W)."""
     ds = json.loads((raw / "dataset.json").read_text())
     first = next((raw / "labelsTr").glob(f"*{ds['file_ending']}"))
-    seg, _ = _reader_writer(ds, first).read_seg(str(first))
+    seg, _ = reader_writer(ds, first).read_seg(str(first))
     return seg.shape[1] == 1
 
 

@@ -14,11 +14,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from nnunetv2_dale.preflight import SetupError, check_torch, check_writable
+from nnunetv2_dale.preflight import SetupError, check_torch, check_writable, tool
 
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time", "Mean Validation Dice", "Preprocessing",
                     "Configuration:", "Predicting", "Training done", "Error", "error", "Traceback")
@@ -82,12 +81,6 @@ def main(argv: list[str] | None = None) -> None:
     did = args.dataset_id
     trainer = f"nnUNetTrainerDALE_{args.epochs}epoch{'s' if args.epochs > 1 else ''}"
     raw = paths["nnUNet_raw"] / f"Dataset{did:03d}_DemoPhantom2D"
-    bin_dir = Path(sys.executable).parent
-
-    def tool(name: str) -> str:
-        found = bin_dir / name
-        return str(found) if found.exists() else name
-
     print(f"[1/5] Generating {args.num_train} noisy training + {args.num_test} clean test phantoms in {raw}",
           flush=True)
     if raw.exists():

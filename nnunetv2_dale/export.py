@@ -22,7 +22,14 @@ from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunetv2_dale.memory import MANIFEST, ConfidenceMemory
-from nnunetv2_dale.rsets import Mixture, case_confidence, fit_mixture, histogram, loss_signal
+from nnunetv2_dale.rsets import N_BINS, Mixture, case_confidence, fit_mixture, histogram, loss_signal
+
+
+def reader_writer(dataset_json: dict, example: str | Path):
+    """nnU-Net's image reader/writer for a raw dataset, chosen from its dataset.json and one file."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    return determine_reader_writer_from_dataset_json(dataset_json, str(example), verbose=False)()
 
 
 class FoldConfidence:
@@ -66,7 +73,7 @@ class FoldConfidence:
 
         from nnunetv2_dale.memory import agreement_with_label
 
-        hist = np.zeros((num_classes, len(histogram(torch.zeros(1)))))
+        hist = np.zeros((num_classes, N_BINS))
         for key in self.keys:
             q, n = self.memory.case_arrays(key)
             seg = np.asarray(self.dataset.load_case(key)[1][0]).astype(np.int64).clip(0, num_classes - 1)

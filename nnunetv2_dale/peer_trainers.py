@@ -16,13 +16,17 @@ from nnunetv2_dale.budget import nnUNetTrainerBudget
 from nnunetv2_dale.peers import DeepSupervised, DiceAnd, GeneralizedCrossEntropy, SVLSCrossEntropy, TLoss
 
 
+def dice_and(trainer: nnUNetTrainerBudget, ce) -> DeepSupervised:
+    """nnU-Net's Dice + ``ce`` at every deep-supervision output, with nnU-Net's weights."""
+    return DeepSupervised(DiceAnd(ce, trainer.configuration_manager.batch_dice, trainer.label_manager.ignore_label,
+                                  trainer.is_ddp), trainer.deep_supervision_weights())
+
+
 class nnUNetTrainerSVLS(nnUNetTrainerBudget):
     """nnU-Net with spatially varying label smoothing in the CE term (3x3(x3) kernel, sigma 1)."""
 
     def _build_loss(self):
-        ce = SVLSCrossEntropy(self.label_manager.ignore_label, sigma=1.0)
-        return DeepSupervised(DiceAnd(ce, self.configuration_manager.batch_dice, self.label_manager.ignore_label,
-                                      self.is_ddp), self.deep_supervision_weights())
+        return dice_and(self, SVLSCrossEntropy(self.label_manager.ignore_label, sigma=1.0))
 
 
 class nnUNetTrainerGCE(nnUNetTrainerBudget):
@@ -31,9 +35,7 @@ class nnUNetTrainerGCE(nnUNetTrainerBudget):
     gce_q: float = 0.7
 
     def _build_loss(self):
-        ce = GeneralizedCrossEntropy(self.gce_q, self.label_manager.ignore_label)
-        return DeepSupervised(DiceAnd(ce, self.configuration_manager.batch_dice, self.label_manager.ignore_label,
-                                      self.is_ddp), self.deep_supervision_weights())
+        return dice_and(self, GeneralizedCrossEntropy(self.gce_q, self.label_manager.ignore_label))
 
 
 class nnUNetTrainerTLoss(nnUNetTrainerBudget):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,12 @@ class SetupError(SystemExit):
 
     def __init__(self, message: str) -> None:
         super().__init__(f"nnunetv2-dale: {message}")
+
+
+def tool(name: str) -> str:
+    """Path of a console script (nnU-Net's or ours) next to this interpreter, else its bare name."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
 
 
 def check_path_variables(names: tuple[str, ...] = NNUNET_PATH_VARS) -> dict[str, Path]:

@@ -134,7 +134,8 @@ def figure_examples(results: dict, out: Path, n_cases: int = 3) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    from nnunetv2_dale.export import reader_writer
 
     written = []
     for dataset, by_noise in _groups(results.get("runs", {})).items():
@@ -148,7 +149,7 @@ def figure_examples(results: dict, out: Path, n_cases: int = 3) -> list[str]:
         ds = json.loads((raw / "dataset.json").read_text())
         ending = ds["file_ending"]
         first = next((raw / "labelsTs").glob(f"*{ending}"))
-        rw = determine_reader_writer_from_dataset_json(ds, str(first), verbose=False)()
+        rw = reader_writer(ds, first)
         trainers = list(recs)
         # test cases where the trainers disagree most
         cases = sorted(any_rec["per_case"])
