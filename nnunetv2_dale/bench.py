@@ -388,6 +388,9 @@ def run(args: argparse.Namespace, out: Path) -> None:
                         [tool("nnUNetv2_train"), str(did), configuration, "0", "-tr", real, "-p", "nnUNetPlans_cpu",
                          "-device", "cpu"], env, log, label, args.epochs)}
                 pred = out / "predictions" / name / real
+                if "metrics" in record and pred.is_dir():
+                    print(f"{label}: already scored (delete {pred} to score again)", flush=True)
+                    continue
                 shutil.rmtree(pred, ignore_errors=True)
                 subprocess.run([tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did),
                                 "-c", configuration, "-f", "0", "-tr", real, "-p", "nnUNetPlans_cpu", "-device", "cpu",

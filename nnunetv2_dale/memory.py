@@ -7,16 +7,23 @@ For every training case the memory holds, per voxel of the preprocessed case,
 so disk costs 2K+1 bytes per voxel (3 for binary) and RAM holds only the current batch: files are
 opened per update and closed again, so mapped pages do not accumulate in the process.
 
+Source voxels with nnU-Net's ignore label are excluded: ``exclude(key, mask)`` writes a packed
+bitmask (1/8 byte per voxel, only for cases that have ignored voxels) to
+``<fold>/dale_memory/excluded``, and updates skip those voxels, whatever label the augmented patch
+interpolated there.
+
 Files live in ``<fold>/dale_memory/live``. ``snapshot(epoch)`` copies them atomically (temporary
 folder + rename) to ``snapshot_epoch_XXXX``, stamped with the epoch of the checkpoint written next
-to it; ``restore(epoch)`` copies a snapshot back. A snapshot whose stamp or case list does not
-match is refused with a message.
+to it, with a CRC-32 of every file in its manifest; ``restore(epoch)`` copies a snapshot back
+and verifies sizes and checksums on the way. A snapshot whose stamp, case list or bytes do not
+match is refused with a message, never used.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +65,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def copy_with_crc(source: Path, target: Path, chunk: int = 1 << 20) -> int:
+    """Copy a file, fsync it, and return the CRC-32 of its bytes (one read for both)."""
+    crc = 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while block := src.read(chunk):
+            crc = zlib.crc32(block, crc)
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return crc
+
+
 def write_json_atomic(path: Path, content: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -83,6 +102,9 @@ class ConfidenceMemory:
         self.visited_voxels = 0
         self.stats = EpochStats(num_classes)
         self._snapshot_written: int | None = None
+        self.excluded_dir = self.root / "excluded"
+        self._excluded: set[str] = set()
+        self._excluded_counts: dict[str, int] = {}
 
     # ----------------------------------------------------------------- files
     def _q_path(self, folder: Path, key: str) -> Path:
@@ -90,6 +112,35 @@ class ConfidenceMemory:
 
     def _n_path(self, folder: Path, key: str) -> Path:
         return folder / f"{key}.n.u8"
+
+    def exclude(self, key: str, mask: np.ndarray | None, write: bool = True) -> None:
+        """Never update the voxels of case ``key`` where ``mask`` is true (ignore label).
+        ``write=False`` (other DDP ranks): only remember that rank 0 wrote the mask."""
+        path = self.excluded_dir / f"{key}.bits"
+        count = 0 if mask is None else int(mask.sum())
+        self.total_voxels -= count - self._excluded_counts.get(key, 0)  # visited fraction: of the countable voxels
+        self._excluded_counts[key] = count
+        if not count:
+            self._excluded.discard(key)
+            if write:
+                path.unlink(missing_ok=True)
+            return
+        if write:
+            self.excluded_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            np.packbits(mask.reshape(-1).astype(bool)).tofile(tmp)
+            os.replace(tmp, path)
+        self._excluded.add(key)
+
+    def is_excluded(self, key: str, index: torch.Tensor) -> torch.Tensor:
+        """Boolean (N,): which of the flat source indices are excluded."""
+        if key not in self._excluded:
+            return torch.zeros(index.shape, dtype=torch.bool)
+        bits = np.memmap(self.excluded_dir / f"{key}.bits", dtype=np.uint8, mode="r")
+        where = index.numpy()
+        hit = (bits[where >> 3] >> (7 - (where & 7))) & 1
+        del bits
+        return torch.from_numpy(hit.astype(bool))
 
     def manifest(self, epoch: int | None, extra: dict | None = None) -> dict:
         return {"epoch": epoch, "identity": self.identity, "channels": self.channels,
@@ -134,6 +185,9 @@ class ConfidenceMemory:
         softmax; ``labels``: (N,) annotated label of those patch voxels (for the statistics).
         Patch voxels mapping to the same source voxel are averaged first (scatter-mean).
         """
+        if self._excluded:
+            keep = ~self.is_excluded(key, index)
+            index, probs, labels = index[keep], probs[keep], labels[keep]
         if index.numel() == 0:
             return
         if not torch.isfinite(probs).all():
@@ -217,12 +271,12 @@ class ConfidenceMemory:
         tmp = self.root / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        checksums = {}
         for key in self.case_shapes:
             for path_fn in (self._q_path, self._n_path):
-                shutil.copyfile(path_fn(self.live, key), path_fn(tmp, key))
-                with open(path_fn(tmp, key), "rb+") as f:
-                    os.fsync(f.fileno())
-        write_json_atomic(tmp / MANIFEST, self.manifest(epoch, extra))
+                name = path_fn(tmp, key).name
+                checksums[name] = copy_with_crc(path_fn(self.live, key), tmp / name)
+        write_json_atomic(tmp / MANIFEST, {**self.manifest(epoch, extra), "crc32": checksums})
         _fsync_dir(tmp)
         stale = self.root / f".{target.name}.stale"
         shutil.rmtree(stale, ignore_errors=True)
@@ -261,7 +315,20 @@ class ConfidenceMemory:
                                       "dataset/plans/fold the buffers were made for.")
         tmp = self.root / "live.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
+        tmp.mkdir(parents=True)
+        expected = {"q": 2 * self.channels, "n": 1}
+        for name, crc in manifest.get("crc32", {}).items():
+            size = expected[name.rsplit(".", 2)[1]] * int(np.prod(self.case_shapes[name.rsplit(".", 2)[0]]))
+            if not (source / name).is_file() or (source / name).stat().st_size != size \
+                    or copy_with_crc(source / name, tmp / name) != crc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise MemoryMismatchError(
+                    f"the DALE buffer file {source / name} is damaged (missing, wrong size or checksum mismatch); "
+                    f"it is not used. Restore the fold folder from a backup, or start this fold again without --c.")
+        if "crc32" not in manifest:  # written by nnunetv2-dale 0.1.0: no checksums to verify
+            shutil.rmtree(tmp)
+            shutil.copytree(source, tmp)
+        shutil.copyfile(manifest_file, tmp / MANIFEST)
         self._swap_in(tmp)
         self.visited_voxels = int(manifest.get("visited_voxels", 0))
         return manifest.get("extra", {})

@@ -101,7 +101,10 @@ def check_preprocessed(dataset_name: str, configuration: str, plans_identifier: 
         raise SetupError(
             f"configuration '{configuration}' is not in {plans_file.name}; available: {', '.join(configs)}."
         )
-    data_identifier = configs[configuration].get("data_identifier", f"{plans_identifier}_{configuration}")
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    # resolved as nnU-Net does: 3d_cascade_fullres inherits 3d_fullres's data identifier
+    data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
     data_folder = base / data_identifier
     if not data_folder.is_dir() or not any(data_folder.iterdir()):
         raise SetupError(

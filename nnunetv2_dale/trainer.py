@@ -97,6 +97,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self._epoch_terms: dict[str, list[float]] = {}
         self.memory: ConfidenceMemory | None = None
         self._dale_restore: tuple[int, str] | None = None
+        self._skipped_steps = 0
         self.logger.local_logger = DALELocalLogger()
         self.print_to_log_file(
             f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
@@ -139,11 +140,17 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def _build_memory(self) -> ConfidenceMemory:
         dataset_tr, _ = self.get_tr_and_val_datasets()
-        shapes = {k: tuple(dataset_tr.load_case(k)[0].shape[1:]) for k in sorted(dataset_tr.identifiers)}
+        keys = sorted(dataset_tr.identifiers)
+        shapes = {k: tuple(dataset_tr.load_case(k)[0].shape[1:]) for k in keys}
         identity = {"dataset": self.plans_manager.dataset_name, "plans": self.plans_manager.plans_name,
                     "configuration": self.configuration_name, "fold": self.fold}
-        return ConfidenceMemory(self.memory_folder, shapes, len(self.label_manager.all_labels), identity,
-                                self.dale_ema_min_weight)
+        memory = ConfidenceMemory(self.memory_folder, shapes, len(self.label_manager.all_labels), identity,
+                                  self.dale_ema_min_weight)
+        ignore = self.label_manager.ignore_label
+        if ignore is not None:  # source voxels with the ignore label never enter the memory
+            for k in keys:
+                memory.exclude(k, np.asarray(dataset_tr.load_case(k)[1][0]) == ignore, write=self.local_rank == 0)
+        return memory
 
     def _barrier(self) -> None:
         if self.is_ddp:
@@ -211,8 +218,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             self.grad_scaler.update()
         else:
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            if torch.isfinite(norm):  # as the GPU grad scaler does: a non-finite step would ruin the weights
+                self.optimizer.step()
+            else:  # under DDP the gradients are all-reduced, so every rank skips the same step
+                self._skipped_steps += 1
         self.update_memory(batch, output)
         for k, v in terms.items():
             self._epoch_terms.setdefault(k, []).append(v)
@@ -274,6 +284,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable, fuzzy = omega * (1 - entropy), 1 - omega
         onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
         soft = omega * onehot + (1 - omega) * sharpen(q_full, self.dale_sharpen_temperature)
+        ignore = self.label_manager.ignore_label
+        if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
+            counted = (labels_full != ignore).float()
+            reliable, fuzzy = reliable * counted, fuzzy * counted
         return omega, reliable, fuzzy, soft, onehot
 
     def _patch_voxels(self, batch: dict):
@@ -344,7 +358,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.print_to_log_file(
             f"DALE memory: {visited:.1%} of voxels visited; mean label confidence per class (voxels seen this "
             f"epoch): {', '.join(f'{c:.3f}' for c in confidence)}"
-            + (f"; {skipped} patches with non-finite network output skipped (memory not updated)" if skipped else ""))
+            + (f"; {skipped} patches with non-finite network output skipped (memory not updated)" if skipped else "")
+            + (f"; {self._skipped_steps} optimizer steps skipped (non-finite gradients)" if self._skipped_steps else ""))
+        self._skipped_steps = 0
         if self.local_rank == 0 and (self.current_epoch % self.dale_picture_every == 0
                                      or self.current_epoch == self.num_epochs - 1):
             self._save_picture()
@@ -371,18 +387,26 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         tmp = filename + ".tmp"
         super().save_checkpoint(tmp)
         if self.local_rank == 0 and os.path.isfile(tmp):
+            name = os.path.basename(filename)
+            if write_memory:  # a kill between rename and record must not let pruning drop either snapshot
+                self._record_checkpoint_epoch(name, epoch, pending=True)
             os.replace(tmp, filename)
             if write_memory:
-                self._record_checkpoint_epoch(os.path.basename(filename), epoch)
+                self._record_checkpoint_epoch(name, epoch)
         self._barrier()
 
-    def _record_checkpoint_epoch(self, name: str, epoch: int) -> None:
+    def _record_checkpoint_epoch(self, name: str, epoch: int, pending: bool = False) -> None:
+        """``checkpoint_epochs.json``: checkpoint file -> the epochs its file may hold (two while a
+        rename is pending); snapshots of no listed epoch are pruned."""
         path = self.memory_folder / CHECKPOINT_EPOCHS
         epochs = json.loads(path.read_text()) if path.is_file() else {}
-        epochs[name] = epoch
-        epochs = {n: e for n, e in epochs.items() if os.path.isfile(os.path.join(self.output_folder, n))}
+        epochs = {n: [e] if isinstance(e, int) else list(e) for n, e in epochs.items()}
+        epochs[name] = sorted({*epochs.get(name, []), epoch}) if pending else [epoch]
+        epochs = {n: e for n, e in epochs.items()
+                  if os.path.isfile(os.path.join(self.output_folder, n)) or (pending and n == name)}
         write_json_atomic(path, epochs)
-        self.memory.prune(set(epochs.values()))
+        if not pending:
+            self.memory.prune({e for listed in epochs.values() for e in listed})
 
     def on_train_end(self):
         super().on_train_end()  # writes checkpoint_final.pth, then deletes checkpoint_latest.pth

@@ -101,3 +101,44 @@ def test_region_based_dataset_is_refused_with_the_alternative(tmp_path):
                tree.env(), check=False)
     assert_clear_failure(proc, "region-based training", "-tr nnUNetTrainer")
     assert not any(tree.results.rglob("*.pth"))
+
+
+def test_nonfinite_network_output_skips_memory_and_step_and_is_logged(tiny2d, monkeypatch):
+    """A real trainer whose network returns NaN for one of three training steps (a forward hook
+    stands in for a diverging model or corrupt input): that step updates neither the memory nor
+    the weights, the others do, and the epoch's log line says what was skipped."""
+    import numpy as np
+    import torch
+
+    from conftest import inprocess_trainer
+
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch)
+    trainer.on_train_start()
+    trainer.on_train_epoch_start()
+    calls = []
+
+    def poison(module, inputs, output):
+        calls.append(1)
+        if len(calls) == 2:
+            return [o * float("nan") for o in output] if isinstance(output, (list, tuple)) else output * float("nan")
+
+    trainer.network.register_forward_hook(poison)
+    visited, weights = [], []
+    outputs = []
+    for _ in range(3):
+        batch = next(trainer.dataloader_train)
+        outputs.append(trainer.train_step(batch))
+        visited.append(sum(int((trainer.memory.case_arrays(k)[1] > 0).sum()) for k in trainer.memory.case_shapes))
+        weights.append([p.detach().clone() for p in trainer.network.parameters()])
+    assert visited[0] > 0 and visited[1] == visited[0] and visited[2] > visited[1]  # step 2 left the memory alone
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # ... and the weights
+    assert all(torch.isfinite(p).all() for p in weights[2]) and not all(
+        torch.equal(a, b) for a, b in zip(weights[1], weights[2]))
+    for key in trainer.memory.case_shapes:
+        assert np.isfinite(trainer.memory.case_arrays(key)[0].astype(np.float32)).all()
+    trainer.on_train_epoch_end(outputs)
+    log = Path(trainer.log_file).read_text()
+    batch_size = trainer.configuration_manager.batch_size
+    assert f"{batch_size} patches with non-finite network output skipped (memory not updated)" in log
+    assert "1 optimizer steps skipped (non-finite gradients)" in log

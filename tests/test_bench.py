@@ -131,7 +131,10 @@ def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
     assert report.count("| Phantom2D |") == 4 and "Δ Dice" in report
     for fig in ("dice_vs_noise_Phantom2D.png", "examples_test_Phantom2D.png", "examples_train_Phantom2D.png"):
         assert (out / fig).stat().st_size > 1000
-    # rerunning the same command re-scores but does not retrain
+    # rerunning the same command neither retrains nor re-predicts finished runs
     logs = {p: p.stat().st_mtime for p in (out / "logs").iterdir()}
-    run(cmd, env, timeout=600)
+    preds = {p: p.stat().st_mtime for p in (out / "predictions").rglob("*.png")}
+    again = run(cmd, env, timeout=600)
+    assert again.stdout.count("already scored") == 4
     assert {p: p.stat().st_mtime for p in (out / "logs").iterdir()} == logs
+    assert {p: p.stat().st_mtime for p in (out / "predictions").rglob("*.png")} == preds and preds

@@ -62,6 +62,27 @@ def test_visit_count_saturates_and_nonfinite_is_skipped(tmp_path):
     assert mem.finish_epoch()[2] == 1
 
 
+def test_excluded_source_voxels_are_never_updated(tmp_path):
+    """Ignore-label source voxels (packed bitmask) stay unvisited whatever the patch label says."""
+    shapes = {"big": (3, 7, 11), "plain": (1, 4, 5)}
+    mem = make_memory(tmp_path, shapes=shapes)
+    mem.reset()
+    mask = np.random.default_rng(1).random(shapes["big"]) < 0.3
+    mem.exclude("big", mask)
+    mem.exclude("plain", np.zeros(shapes["plain"], bool))  # nothing ignored: no file, no lookup
+    assert (tmp_path / "excluded" / "big.bits").stat().st_size == -(-mask.size // 8)
+    assert not (tmp_path / "excluded" / "plain.bits").exists()
+    everything = torch.arange(mask.size)
+    np.testing.assert_array_equal(mem.is_excluded("big", everything).numpy(), mask.reshape(-1))
+    mem.update("big", everything, probs_fg(np.full(mask.size, 0.7)), torch.ones(mask.size, dtype=torch.long))
+    mem.update("plain", torch.arange(20), probs_fg(np.full(20, 0.7)), torch.ones(20, dtype=torch.long))
+    _, n = mem.case_arrays("big")
+    assert (n[mask] == 0).all() and (n[~mask] == 1).all()
+    assert (mem.case_arrays("plain")[1] == 1).all()
+    assert mem.finish_epoch()[1][1] == pytest.approx(0.7, abs=1e-3)
+    assert mem.visited_voxels == mem.total_voxels == int((~mask).sum()) + 20  # all countable voxels visited
+
+
 def test_multiclass_channels_and_agreement(tmp_path):
     mem = make_memory(tmp_path, num_classes=3)
     mem.reset()
@@ -112,6 +133,30 @@ def test_snapshot_restore_and_refusals(tmp_path):
     manifest.write_text(json.dumps({**content, "epoch": 2}))
     with pytest.raises(MemoryMismatchError, match="epoch stamp 2"):
         fresh.restore(3, "checkpoint_latest.pth")
+    manifest.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_damaged_snapshot_is_refused_and_live_buffers_kept(tmp_path, damage):
+    mem = make_memory(tmp_path)
+    mem.reset()
+    mem.update("case_b", torch.tensor([0, 4]), probs_fg([0.9, 0.2]), torch.tensor([1, 0]))
+    mem.snapshot(2)
+    victim = mem.snapshot_dir(2) / "case_b.q.f16"
+    data = bytearray(victim.read_bytes())
+    if damage == "flip":
+        data[1] ^= 0x40
+        victim.write_bytes(bytes(data))
+    elif damage == "truncate":
+        victim.write_bytes(bytes(data[:-2]))
+    else:
+        victim.unlink()
+    live_before = mem.case_arrays("case_b")
+    with pytest.raises(MemoryMismatchError, match="case_b.q.f16 is damaged"):
+        make_memory(tmp_path).restore(2, "checkpoint_latest.pth")
+    for got, want in zip(mem.case_arrays("case_b"), live_before):  # nothing was swapped in
+        np.testing.assert_array_equal(got, want)
+    assert not (tmp_path / "live.tmp").exists()
 
 
 def test_snapshot_replaces_stale_copy_and_prune(tmp_path):

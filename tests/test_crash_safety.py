@@ -1,0 +1,121 @@
+"""SIGKILL at chosen moments of every checkpoint/buffer write and at a random moment; each time the
+fold on disk stays consistent (every checkpoint loads and has a complete, checksummed snapshot of
+its epoch) and ``--c`` goes on; a damaged buffer file is refused with a message, never used."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import NNUNetTree, run, tool
+from nnunetv2_dale.noise import NoiseSpec
+from nnunetv2_dale.phantoms import make_phantom_dataset
+
+pytestmark = pytest.mark.slow
+KILLPOINT = Path(__file__).with_name("killpoint.py")
+TRAINER = "nnUNetTrainerDALE_5epochs"
+# (kind, n-th event, path pattern): what each run of the chain is killed at (see killpoint.py)
+CHAIN = [
+    ("copy", 1, r"snapshot_epoch_\d+\.tmp/"),  # half-way through copying a buffer into a snapshot
+    ("save", 1, r"checkpoint_latest\.pth\.tmp$"),  # half-way through torch.save of the checkpoint
+    ("replace", 1, r"\.pth\.tmp$"),  # checkpoint written, not yet renamed
+    ("replace", 2, r"checkpoint_epochs\.json\.tmp$"),  # checkpoint renamed, its epoch not yet recorded
+    ("replace", 1, r"live\.tmp$"),  # --c: restored buffers copied, not yet swapped in
+    ("replace", 1, r"snapshot_epoch_\d+\.tmp$"),  # snapshot complete, not yet renamed into place
+]
+
+
+def killed_run(args: list[str], env: dict[str, str], kill: tuple[str, int, str] | None, delay: float | None = None,
+               timeout: float = 300) -> str:
+    """One training process (its own process group), SIGKILLed at a write event or after ``delay`` s."""
+    env = {**env, "PYTHONUNBUFFERED": "1"}
+    if kill is not None:
+        env["DALE_TEST_KILL"] = f"{kill[0]}:{kill[1]}:{kill[2]}"
+    cmd = [sys.executable, str(KILLPOINT), *args] if kill else [tool("nnUNetv2_train"), *args]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if delay is not None:
+        try:
+            out, _ = proc.communicate(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=timeout)
+    else:
+        out, _ = proc.communicate(timeout=timeout)
+    if proc.returncode != -signal.SIGKILL and not (delay is not None and proc.returncode == 0):
+        raise AssertionError(f"expected a SIGKILL ({kill or delay}), got {proc.returncode}:\n{out[-3000:]}")
+    return out
+
+
+def assert_consistent(fold: Path, note: str) -> dict[str, int]:
+    """Every checkpoint file loads and has a complete snapshot of its epoch whose bytes match the
+    manifest's checksums; the epoch record lists every checkpoint's epoch. Returns name -> epoch."""
+    memory = fold / "dale_memory"
+    found = {}
+    for checkpoint in sorted(fold.glob("checkpoint_*.pth")):
+        epoch = torch.load(checkpoint, map_location="cpu", weights_only=False)["current_epoch"]
+        found[checkpoint.name] = epoch
+        snapshot = memory / f"snapshot_epoch_{epoch:04d}"
+        manifest = json.loads((snapshot / "manifest.json").read_text())
+        assert manifest["epoch"] == epoch and len(manifest["crc32"]) == 2 * len(manifest["cases"]), note
+        for name, crc in manifest["crc32"].items():
+            assert zlib.crc32((snapshot / name).read_bytes()) == crc, (note, name)
+    if found:
+        record = json.loads((memory / "checkpoint_epochs.json").read_text())
+        for name, epoch in found.items():
+            assert epoch in record.get(name, []), (note, name, epoch, record)
+    return found
+
+
+def test_kills_at_every_write_leave_a_resumable_fold(tmp_path):
+    tree = NNUNetTree(tmp_path / "tree")
+    make_phantom_dataset(tree.raw / "Dataset989_Crash", dim=2, size=32, num_train=6, num_test=1,
+                         noise=NoiseSpec(markov_steps=40), seed=989)
+    env = tree.env(nnUNet_DALE_iters="2", nnUNet_DALE_val_iters="1", nnUNet_DALE_save_every="1")
+    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "989", "-c", "2d", "-np", "1"], env)
+    args = ["989", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
+    fold = tree.results / "Dataset989_Crash" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
+
+    history = []
+    for i, kill in enumerate(CHAIN):
+        out = killed_run(args + (["--c"] if i else []), env, kill)
+        history.append(assert_consistent(fold, f"killed at {kill}"))
+        if kill[2] == r"live\.tmp$":  # the kill hit the restore of a resumed run
+            assert "DALE memory" not in out
+    assert history[2] == {} and history[3] == {"checkpoint_latest.pth": 1}, history  # the first checkpoint survived
+    assert history[-1].get("checkpoint_latest.pth") == 1, history  # later kills were before its replacement
+
+    seed = random.randrange(10**6)
+    delay = random.Random(seed).uniform(2.0, 25.0)
+    killed_run(args + ["--c"], env, None, delay=delay)  # a random moment (or it finished first)
+    assert_consistent(fold, f"random kill after {delay:.1f} s (seed {seed})")
+
+    out = run([tool("nnUNetv2_train"), *args, "--c"], env, timeout=600).stdout
+    assert "DALE memory (restored from epoch" in out or "Training done" in out
+    final = assert_consistent(fold, "finished")
+    assert final["checkpoint_final.pth"] == 5
+    logged = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    assert len(logged["dale_visited_fraction"]) == len(logged["train_losses"]) == 5  # one entry per epoch, no gaps
+    assert not [p for p in fold.rglob("*") if re.search(r"\.(tmp|stale|old)$", p.name)], "temporaries left behind"
+    kept = {int(p.name[-4:]) for p in (fold / "dale_memory").glob("snapshot_epoch_*")}
+    assert kept == set(final.values())  # pruned to the checkpoints that exist
+
+    # a damaged buffer file (disk, copy, hand edit) is refused with a message and never used
+    victim = next((fold / "dale_memory" / "snapshot_epoch_0005").glob("*.q.f16"))
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 0x01
+    victim.write_bytes(bytes(data))
+    live = {p.name: p.read_bytes() for p in (fold / "dale_memory" / "live").iterdir()}
+    proc = run([tool("nnUNetv2_train"), *args, "--c"], env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{victim.name} is damaged" in proc.stderr and "without --c" in proc.stderr
+    assert {p.name: p.read_bytes() for p in (fold / "dale_memory" / "live").iterdir()} == live
