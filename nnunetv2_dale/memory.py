@@ -20,6 +20,7 @@ match is refused with a message, never used.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -63,6 +64,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _reserve(fd: int, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # file systems without fallocate: stay sparse
+            raise
 
 
 def copy_with_crc(source: Path, target: Path, chunk: int = 1 << 20) -> int:
@@ -148,16 +157,17 @@ class ConfidenceMemory:
                 "extra": extra or {}}
 
     def reset(self) -> None:
-        """Fresh, empty buffers (sparse files: disk is used only where voxels get visited)."""
+        """Fresh, empty buffers (zeros; their disk blocks reserved up front)."""
         tmp = self.root / "live.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for key, shape in self.case_shapes.items():
             n = int(np.prod(shape))
-            with open(self._q_path(tmp, key), "wb") as f:
-                f.truncate(n * self.channels * 2)
-            with open(self._n_path(tmp, key), "wb") as f:
-                f.truncate(n)
+            for path, size in ((self._q_path(tmp, key), n * self.channels * 2), (self._n_path(tmp, key), n)):
+                with open(path, "wb") as f:
+                    f.truncate(size)
+                    if size:  # reserve the blocks now: a full disk fails here, not as SIGBUS in a mapped write
+                        _reserve(f.fileno(), size)
         self.visited_voxels = 0
         write_json_atomic(tmp / MANIFEST, self.manifest(None))
         self._swap_in(tmp)

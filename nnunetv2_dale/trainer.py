@@ -15,6 +15,7 @@ between barriers, so no rank updates buffers while they are copied.
 """
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,28 @@ from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
 
 MEMORY_FOLDER = "dale_memory"
 CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
+
+TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")  # torch.save's zip writer
+
+
+@contextmanager
+def write_failures_explained(folder: str | os.PathLike, what: str, partial: str | None = None):
+    """Turn an OSError while writing (disk full, file too large, read-only, permissions) into one
+    message that says the fold is intact and how to go on; remove the partial temporary file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in TORCH_WRITE_ERRORS):
+            raise
+        if partial is not None and os.path.isfile(partial):
+            os.remove(partial)
+        reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else \
+            f"{str(e).strip().splitlines()[-1]} (is the disk full?)"
+        raise SetupError(
+            f"could not write {what} in {folder}: {reason}. The fold stays "
+            "consistent: every checkpoint on disk still has its DALE buffers. Free disk space (or fix the folder's "
+            "permissions / file-size limit), then continue with the same nnUNetv2_train command plus --c.") from None
+
 
 class nnUNetTrainerDALE(nnUNetTrainerBudget):
     """nnU-Net trainer for noisy labels (DALE).
@@ -160,14 +183,15 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         super().on_train_start()
         self.memory = self._build_memory()
         if self.local_rank == 0:
-            if self._dale_restore is None:
-                self.memory.reset()
-            else:
-                epoch, name = self._dale_restore
-                try:
-                    self.memory.restore(epoch, name)
-                except MemoryMismatchError as e:
-                    raise SetupError(str(e)) from None
+            with write_failures_explained(self.memory_folder, "the DALE buffers"):
+                if self._dale_restore is None:
+                    self.memory.reset()
+                else:
+                    epoch, name = self._dale_restore
+                    try:
+                        self.memory.restore(epoch, name)
+                    except MemoryMismatchError as e:
+                        raise SetupError(str(e)) from None
         self._barrier()
         if self._dale_restore is not None:
             manifest = json.loads((self.memory.live / "manifest.json").read_text())
@@ -381,18 +405,19 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         epoch = self.current_epoch + 1  # what nnU-Net stores as checkpoint['current_epoch']
         write_memory = self.memory is not None and not self.disable_checkpointing
         self._barrier()
-        if write_memory and self.local_rank == 0:
-            self.memory.snapshot(epoch, {"mixtures": [m.to_dict() for m in self.mixtures],
-                                         "alignment": self.alignment.state()})
         tmp = filename + ".tmp"
-        super().save_checkpoint(tmp)
-        if self.local_rank == 0 and os.path.isfile(tmp):
-            name = os.path.basename(filename)
-            if write_memory:  # a kill between rename and record must not let pruning drop either snapshot
-                self._record_checkpoint_epoch(name, epoch, pending=True)
-            os.replace(tmp, filename)
-            if write_memory:
-                self._record_checkpoint_epoch(name, epoch)
+        with write_failures_explained(os.path.dirname(filename), os.path.basename(filename), tmp):
+            if write_memory and self.local_rank == 0:
+                self.memory.snapshot(epoch, {"mixtures": [m.to_dict() for m in self.mixtures],
+                                             "alignment": self.alignment.state()})
+            super().save_checkpoint(tmp)
+            if self.local_rank == 0 and os.path.isfile(tmp):
+                name = os.path.basename(filename)
+                if write_memory:  # a kill between rename and record must not let pruning drop either snapshot
+                    self._record_checkpoint_epoch(name, epoch, pending=True)
+                os.replace(tmp, filename)
+                if write_memory:
+                    self._record_checkpoint_epoch(name, epoch)
         self._barrier()
 
     def _record_checkpoint_epoch(self, name: str, epoch: int, pending: bool = False) -> None:

@@ -7,6 +7,8 @@ import json
 import os
 import random
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,12 +78,18 @@ def assert_consistent(fold: Path, note: str) -> dict[str, int]:
     return found
 
 
-def test_kills_at_every_write_leave_a_resumable_fold(tmp_path):
-    tree = NNUNetTree(tmp_path / "tree")
+@pytest.fixture(scope="module")
+def crash_tree(tmp_path_factory):
+    tree = NNUNetTree(tmp_path_factory.mktemp("crash"))
     make_phantom_dataset(tree.raw / "Dataset989_Crash", dim=2, size=32, num_train=6, num_test=1,
                          noise=NoiseSpec(markov_steps=40), seed=989)
+    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "989", "-c", "2d", "-np", "1"], tree.env())
+    return tree
+
+
+def test_kills_at_every_write_leave_a_resumable_fold(crash_tree):
+    tree = crash_tree
     env = tree.env(nnUNet_DALE_iters="2", nnUNet_DALE_val_iters="1", nnUNet_DALE_save_every="1")
-    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "989", "-c", "2d", "-np", "1"], env)
     args = ["989", "2d", "0", "-tr", TRAINER, "-device", "cpu"]
     fold = tree.results / "Dataset989_Crash" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
 
@@ -119,3 +127,55 @@ def test_kills_at_every_write_leave_a_resumable_fold(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"{victim.name} is damaged" in proc.stderr and "without --c" in proc.stderr
     assert {p.name: p.read_bytes() for p in (fold / "dale_memory" / "live").iterdir()} == live
+    data[0] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+    # the training cases changed since the buffers were written (here: one case left the fold)
+    splits_file = tree.preprocessed / "Dataset989_Crash" / "splits_final.json"
+    splits = json.loads(splits_file.read_text())
+    changed = [dict(s) for s in splits]
+    changed[0]["train"] = changed[0]["train"][1:]
+    splits_file.write_text(json.dumps(changed))
+    try:
+        proc = run([tool("nnUNetv2_train"), *args, "--c"], env, check=False)
+    finally:
+        splits_file.write_text(json.dumps(splits))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "the training cases or their shapes changed" in proc.stderr
+
+    # buffers of another fold, moved in with their checkpoint
+    other = fold.parent / "fold_1"
+    other.mkdir()
+    shutil.copy(fold / "checkpoint_final.pth", other)
+    shutil.copytree(fold / "dale_memory", other / "dale_memory")
+    proc = run([tool("nnUNetv2_train"), "989", "2d", "1", "-tr", TRAINER, "-device", "cpu", "--c"], env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "'fold': 0" in proc.stderr and "'fold': 1" in proc.stderr and "without --c" in proc.stderr
+
+
+def test_full_disk_during_checkpoint_is_refused_clearly_and_resumable(crash_tree):
+    """The file-size limit of the running trainer is lowered under its checkpoint size after its
+    first checkpoint (prlimit: the kernel then fails the write as on a full disk)."""
+    tree = crash_tree
+    trainer = "nnUNetTrainerDALE_3epochs"
+    env = tree.env(nnUNet_DALE_iters="2", nnUNet_DALE_val_iters="1", nnUNet_DALE_save_every="1",
+                   PYTHONUNBUFFERED="1")
+    args = [tool("nnUNetv2_train"), "989", "2d", "0", "-tr", trainer, "-device", "cpu"]
+    fold = tree.results / "Dataset989_Crash" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "Epoch 1" in line:
+            resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (100_000, 100_000))
+    proc.wait(timeout=300)
+    out = "".join(lines)
+    assert proc.returncode == 1 and "Traceback" not in out, out[-3000:]
+    assert "could not write checkpoint_latest.pth" in out and "consistent" in out and "--c" in out
+    assert assert_consistent(fold, "after the failed write")["checkpoint_latest.pth"] == 1
+    assert not list(fold.glob("*.tmp"))
+    out = run(args + ["--c"], env).stdout
+    assert "DALE memory (restored from epoch 1)" in out
+    assert assert_consistent(fold, "resumed")["checkpoint_final.pth"] == 3

@@ -61,11 +61,17 @@ def test_2d_train_kill_continue_val_predict_find_best(tiny2d, tmp_path):
     assert info["best_model_or_ensemble"]["selected_model_or_models"][0]["trainer"] == trainer
 
 
-def test_3d_fullres_train_and_predict_geometry(tiny3d, tmp_path):
-    tree, did, raw = tiny3d
+@pytest.mark.parametrize("dataset", ["tiny3d", "aniso3d"])
+def test_3d_fullres_train_and_predict_geometry(dataset, request, tmp_path):
+    """Isotropic, and anisotropic (4 x 1 x 1 mm: nnU-Net trains it with dummy-2D augmentation)."""
+    tree, did, raw = request.getfixturevalue(dataset)
     env = tree.env(**BUDGET)
     trainer = "nnUNetTrainerDALE_1epoch"
-    run([tool("nnUNetv2_train"), str(did), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env)
+    out = run([tool("nnUNetv2_train"), str(did), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"], env).stdout
+    assert f"do_dummy_2d_data_aug: {dataset == 'aniso3d'}" in out
+    fold = next(tree.results.glob(f"*/{trainer}__nnUNetPlans__3d_fullres/fold_0"))
+    visited = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+    assert visited["dale_visited_fraction"][-1] > 0  # the coordinate maps followed the augmentation
     pred = tmp_path / "pred"
     run([tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did), "-c",
          "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env)
