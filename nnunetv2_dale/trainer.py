@@ -38,6 +38,20 @@ from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
 MEMORY_FOLDER = "dale_memory"
 CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
 
+def class_balanced(omega: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int | None) -> torch.Tensor:
+    """omega rescaled per class so that its mean over the batch's voxels of that class is 1."""
+    labels = target[:, :1].long().to(omega.device)
+    out = omega.clone()
+    for c in range(num_classes):
+        where = labels == c
+        total = omega[where].sum()
+        if total > 0:
+            out[where] = omega[where] * (where.sum() / total)
+    if ignore is not None:
+        out[labels == ignore] = 0
+    return out
+
+
 TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")  # torch.save's zip writer
 
 
@@ -77,6 +91,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       (False, raw feature units, was the 0.1.0 default).
     - ``dale_fuzzy_sampling_share`` (0.5): in fuzzy phases, the share of patches centred on a voxel
       drawn with probability proportional to its fuzzy membership (0 turns the bias off).
+    - ``dale_class_balanced_weights`` (False): rescale the stable-phase weights omega per class
+      and batch to mean 1 over that class's labelled voxels, so confidence redistributes weight
+      within a class instead of removing it from the class whose boundary is least certain.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -112,6 +129,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_align_weight = 0.1
         self.dale_align_rampup_fraction = 0.2
         self.dale_fuzzy_sampling_share = 0.5
+        self.dale_class_balanced_weights = False
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -261,6 +279,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
         loss = 0
         if phase in (STABLE, JOINT):
+            if self.dale_class_balanced_weights:
+                omegas = [class_balanced(o, t, len(self.label_manager.all_labels), self.label_manager.ignore_label)
+                          for o, t in zip(omegas, targets)]
             w = [o.to(self.device) for o in omegas]
             stable = self.loss(output, target, weights=w if ds else w[0])
             loss = loss + stable

@@ -69,6 +69,15 @@ class nnUNetTrainerDALE_noFuzzySampling(nnUNetTrainerDALE):
         self.dale_fuzzy_sampling_share = 0.0
 
 
+class nnUNetTrainerDALE_balanced(nnUNetTrainerDALE):
+    """Tuning variant: class-balanced stable-phase weights (``dale_class_balanced_weights``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_class_balanced_weights = True
+
+
 class nnUNetTrainerDALE_noAlternation(nnUNetTrainerDALE):
     """Ablation: after warm-up, stable and fuzzy objectives summed in every epoch."""
     use_alternation = False

@@ -155,3 +155,17 @@ def test_omega_separates_injected_noise_after_short_training(tiny2d):
     value = auroc(np.concatenate(scores), np.concatenate(truth))
     print(f"AUROC of 1 - omega vs injected noise: {value:.3f}")
     assert value > 0.65, value
+
+
+def test_class_balanced_weights_keep_each_class_total():
+    from nnunetv2_dale.trainer import class_balanced
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 4, (2, 1, 6, 7), generator=g)  # 3 = ignore
+    omega = torch.rand((2, 1, 6, 7), generator=g)
+    out = class_balanced(omega, target, 3, ignore=3)
+    for c in range(3):
+        assert float(out[target == c].mean()) == pytest.approx(1.0, abs=1e-5)
+        ratio = out[target == c] / omega[target == c]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # within a class only rescaled
+    assert (out[target == 3] == 0).all()
