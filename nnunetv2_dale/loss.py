@@ -71,3 +71,17 @@ def sharpen(q: torch.Tensor, temperature: float) -> torch.Tensor:
     """q^(1/T) renormalised over classes (dim 1)."""
     p = q.clamp_min(1e-6) ** (1.0 / temperature)
     return p / p.sum(1, keepdim=True)
+
+
+def class_balanced(omega: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int | None) -> torch.Tensor:
+    """omega rescaled per class so that its mean over the batch's voxels of that class is 1."""
+    labels = target[:, :1].long().to(omega.device)
+    out = omega.clone()
+    for c in range(num_classes):
+        where = labels == c
+        total = omega[where].sum()
+        if total > 0:
+            out[where] = omega[where] * (where.sum() / total)
+    if ignore is not None:
+        out[labels == ignore] = 0
+    return out

@@ -112,8 +112,7 @@ class ConfidenceMemory:
         self.stats = EpochStats(num_classes)
         self._snapshot_written: int | None = None
         self.excluded_dir = self.root / "excluded"
-        self._excluded: set[str] = set()
-        self._excluded_counts: dict[str, int] = {}
+        self._excluded_counts: dict[str, int] = {}  # case -> ignore-label voxels (a bitmask file when > 0)
 
     # ----------------------------------------------------------------- files
     def _q_path(self, folder: Path, key: str) -> Path:
@@ -122,6 +121,11 @@ class ConfidenceMemory:
     def _n_path(self, folder: Path, key: str) -> Path:
         return folder / f"{key}.n.u8"
 
+    def _buffer_files(self, folder: Path, key: str) -> list[tuple[Path, int]]:
+        """(path, size in bytes) of the case's q and n buffers in ``folder``."""
+        n = int(np.prod(self.case_shapes[key]))
+        return [(self._q_path(folder, key), n * self.channels * 2), (self._n_path(folder, key), n)]
+
     def exclude(self, key: str, mask: np.ndarray | None, write: bool = True) -> None:
         """Never update the voxels of case ``key`` where ``mask`` is true (ignore label).
         ``write=False`` (other DDP ranks): only remember that rank 0 wrote the mask."""
@@ -129,21 +133,19 @@ class ConfidenceMemory:
         count = 0 if mask is None else int(mask.sum())
         self.total_voxels -= count - self._excluded_counts.get(key, 0)  # visited fraction: of the countable voxels
         self._excluded_counts[key] = count
-        if not count:
-            self._excluded.discard(key)
-            if write:
-                path.unlink(missing_ok=True)
+        if not write:
             return
-        if write:
-            self.excluded_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            np.packbits(mask.reshape(-1).astype(bool)).tofile(tmp)
-            os.replace(tmp, path)
-        self._excluded.add(key)
+        if not count:
+            path.unlink(missing_ok=True)
+            return
+        self.excluded_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        np.packbits(mask.reshape(-1).astype(bool)).tofile(tmp)
+        os.replace(tmp, path)
 
     def is_excluded(self, key: str, index: torch.Tensor) -> torch.Tensor:
         """Boolean (N,): which of the flat source indices are excluded."""
-        if key not in self._excluded:
+        if not self._excluded_counts.get(key):
             return torch.zeros(index.shape, dtype=torch.bool)
         bits = np.memmap(self.excluded_dir / f"{key}.bits", dtype=np.uint8, mode="r")
         where = index.numpy()
@@ -161,9 +163,8 @@ class ConfidenceMemory:
         tmp = self.root / "live.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        for key, shape in self.case_shapes.items():
-            n = int(np.prod(shape))
-            for path, size in ((self._q_path(tmp, key), n * self.channels * 2), (self._n_path(tmp, key), n)):
+        for key in self.case_shapes:
+            for path, size in self._buffer_files(tmp, key):
                 with open(path, "wb") as f:
                     f.truncate(size)
                     if size:  # reserve the blocks now: a full disk fails here, not as SIGBUS in a mapped write
@@ -195,7 +196,7 @@ class ConfidenceMemory:
         softmax; ``labels``: (N,) annotated label of those patch voxels (for the statistics).
         Patch voxels mapping to the same source voxel are averaged first (scatter-mean).
         """
-        if self._excluded:
+        if self._excluded_counts.get(key):
             keep = ~self.is_excluded(key, index)
             index, probs, labels = index[keep], probs[keep], labels[keep]
         if index.numel() == 0:
@@ -283,9 +284,8 @@ class ConfidenceMemory:
         tmp.mkdir(parents=True)
         checksums = {}
         for key in self.case_shapes:
-            for path_fn in (self._q_path, self._n_path):
-                name = path_fn(tmp, key).name
-                checksums[name] = copy_with_crc(path_fn(self.live, key), tmp / name)
+            for path, _ in self._buffer_files(self.live, key):
+                checksums[path.name] = copy_with_crc(path, tmp / path.name)
         write_json_atomic(tmp / MANIFEST, {**self.manifest(epoch, extra), "crc32": checksums})
         _fsync_dir(tmp)
         stale = self.root / f".{target.name}.stale"
@@ -325,20 +325,20 @@ class ConfidenceMemory:
                                       "dataset/plans/fold the buffers were made for.")
         tmp = self.root / "live.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        expected = {"q": 2 * self.channels, "n": 1}
-        for name, crc in manifest.get("crc32", {}).items():
-            size = expected[name.rsplit(".", 2)[1]] * int(np.prod(self.case_shapes[name.rsplit(".", 2)[0]]))
-            if not (source / name).is_file() or (source / name).stat().st_size != size \
-                    or copy_with_crc(source / name, tmp / name) != crc:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise MemoryMismatchError(
-                    f"the DALE buffer file {source / name} is damaged (missing, wrong size or checksum mismatch); "
-                    f"it is not used. Restore the fold folder from a backup, or start this fold again without --c.")
         if "crc32" not in manifest:  # written by nnunetv2-dale 0.1.0: no checksums to verify
-            shutil.rmtree(tmp)
             shutil.copytree(source, tmp)
-        shutil.copyfile(manifest_file, tmp / MANIFEST)
+        else:
+            tmp.mkdir(parents=True)
+            for key in self.case_shapes:
+                for path, size in self._buffer_files(source, key):
+                    crc = manifest["crc32"].get(path.name)
+                    if crc is None or not path.is_file() or path.stat().st_size != size \
+                            or copy_with_crc(path, tmp / path.name) != crc:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                        raise MemoryMismatchError(
+                            f"the DALE buffer file {path} is damaged (missing, wrong size or checksum mismatch); it "
+                            "is not used. Restore the fold folder from a backup, or start this fold again without --c.")
+            shutil.copyfile(manifest_file, tmp / MANIFEST)
         self._swap_in(tmp)
         self.visited_voxels = int(manifest.get("visited_voxels", 0))
         return manifest.get("extra", {})

@@ -26,7 +26,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_dale import __version__
 from nnunetv2_dale.alignment import FeatureAlignment
 from nnunetv2_dale.coords import source_indices, training_loader_with_coordinates
-from nnunetv2_dale.loss import DALELoss, sharpen
+from nnunetv2_dale.loss import DALELoss, class_balanced, sharpen
 from nnunetv2_dale.rsets import Mixture, entropy_signal, fit_mixture, loss_signal, omega_per_voxel
 from nnunetv2_dale.sampling import SAMPLING_FILE, FuzzySampler
 from nnunetv2_dale.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
@@ -37,21 +37,6 @@ from nnunetv2_dale.progress import DALELocalLogger, save_buffer_picture
 
 MEMORY_FOLDER = "dale_memory"
 CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
-
-def class_balanced(omega: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int | None) -> torch.Tensor:
-    """omega rescaled per class so that its mean over the batch's voxels of that class is 1."""
-    labels = target[:, :1].long().to(omega.device)
-    out = omega.clone()
-    for c in range(num_classes):
-        where = labels == c
-        total = omega[where].sum()
-        if total > 0:
-            out[where] = omega[where] * (where.sum() / total)
-    if ignore is not None:
-        out[labels == ignore] = 0
-    return out
-
-
 TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")  # torch.save's zip writer
 
 

@@ -5,22 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nnunetv2_dale.noise import NoiseSpec
 from nnunetv2_dale.phantoms import make_phantom_dataset
+from nnunetv2_dale.preflight import tool  # noqa: F401 - the tests import it from here
 
-BIN = Path(sys.executable).parent
 SHARED_DDTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset601_DDTI"
-
-
-def tool(name: str) -> str:
-    """Path of an installed console script (nnU-Net's or ours) next to this interpreter."""
-    found = BIN / name
-    return str(found) if found.exists() else name
 
 
 def clean_env(**paths: os.PathLike | str) -> dict[str, str]:

@@ -158,7 +158,7 @@ def test_omega_separates_injected_noise_after_short_training(tiny2d):
 
 
 def test_class_balanced_weights_keep_each_class_total():
-    from nnunetv2_dale.trainer import class_balanced
+    from nnunetv2_dale.loss import class_balanced
 
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (2, 1, 6, 7), generator=g)  # 3 = ignore
