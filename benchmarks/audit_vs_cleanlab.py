@@ -36,8 +36,8 @@ def main() -> None:
     args = p.parse_args()
     from cleanlab.segmentation.rank import get_label_quality_scores
 
-    from nnunetv2_dale.preflight import tool
-    from nnunetv2_dale.export import reader_writer
+    from nnunetv2_dale.utilities.preflight import tool
+    from nnunetv2_dale.data.io import reader_writer
 
     bench = Path(args.bench).resolve()
     results = json.loads((bench / "results.json").read_text())

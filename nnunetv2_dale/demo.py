@@ -17,7 +17,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from nnunetv2_dale.preflight import SetupError, check_torch, check_writable, tool
+from nnunetv2_dale.utilities.preflight import SetupError, check_torch, check_writable, tool
 
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time", "Mean Validation Dice", "Preprocessing",
                     "Configuration:", "Predicting", "Training done", "Error", "error", "Traceback")
@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     env["nnUNet_DALE_iters"] = str(args.iters)
     env.setdefault("nnUNet_DALE_val_iters", str(max(1, args.iters // 5)))
     # Make sure child processes find our trainers even when run from an uninstalled checkout.
-    from nnunetv2_dale.registration import ensure_registered
+    from nnunetv2_dale.utilities.registration import ensure_registered
 
     ensure_registered()
     env["nnUNet_extTrainer"] = os.environ["nnUNet_extTrainer"]
 
-    from nnunetv2_dale.noise import NoiseSpec
-    from nnunetv2_dale.phantoms import make_phantom_dataset
+    from nnunetv2_dale.data.noise import NoiseSpec
+    from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
     did = args.dataset_id
     trainer = f"nnUNetTrainerDALE_{args.epochs}epoch{'s' if args.epochs > 1 else ''}"

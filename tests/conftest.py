@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nnunetv2_dale.noise import NoiseSpec
-from nnunetv2_dale.phantoms import make_phantom_dataset
-from nnunetv2_dale.preflight import tool  # noqa: F401 - the tests import it from here
+from nnunetv2_dale.data.noise import NoiseSpec
+from nnunetv2_dale.data.phantoms import make_phantom_dataset
+from nnunetv2_dale.utilities.preflight import tool  # noqa: F401 - the tests import it from here
 
 SHARED_DDTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset601_DDTI"
 

@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-import nnunetv2_dale.memory as memory
+import nnunetv2_dale.method.memory as memory
 
 kind, count, pattern = os.environ["DALE_TEST_KILL"].split(":", 2)
 remaining = int(count)

@@ -13,8 +13,8 @@ from PIL import Image
 from scipy import ndimage
 
 from conftest import NNUNetTree, run, tool, train_until_killed
-from nnunetv2_dale.noise import NoiseSpec
-from nnunetv2_dale.phantoms import make_phantom_dataset
+from nnunetv2_dale.data.noise import NoiseSpec
+from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
 
 def _rows(path):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import NNUNetTree, clean_env, run, tool
-from nnunetv2_dale.noise import NoiseSpec
-from nnunetv2_dale.phantoms import make_phantom_dataset
+from nnunetv2_dale.data.noise import NoiseSpec
+from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
 
 def assert_clear_failure(proc, *needles: str) -> None:

@@ -13,10 +13,10 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import clean_env, run, tool
-from nnunetv2_dale.bench import PRESETS, noisy_copy, parse_noise, parse_phantom_source
-from nnunetv2_dale.metrics import case_metrics, dice, hd95
-from nnunetv2_dale.noise import NoiseSpec
-from nnunetv2_dale.phantoms import make_phantom_dataset
+from nnunetv2_dale.bench.cli import PRESETS, noisy_copy, parse_noise, parse_phantom_source
+from nnunetv2_dale.bench.metrics import case_metrics, dice, hd95
+from nnunetv2_dale.data.noise import NoiseSpec
+from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
 
 def _digest(folder: Path) -> str:
@@ -138,3 +138,28 @@ def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
     assert again.stdout.count("already scored") == 4
     assert {p: p.stat().st_mtime for p in (out / "logs").iterdir()} == logs
     assert {p: p.stat().st_mtime for p in (out / "predictions").rglob("*.png")} == preds and preds
+
+
+def test_subset_is_deterministic_resized_and_never_touches_the_source(tmp_path):
+    from nnunetv2_dale.bench.subset import derive_subset
+
+    src = tmp_path / "Dataset001_Src"
+    make_phantom_dataset(src, 2, 64, 10, 3, NoiseSpec("none", alpha=0), seed=5)
+    before = _digest(src)
+    a = derive_subset(src, tmp_path / "Dataset002_A", 6, 32)
+    b = derive_subset(src, tmp_path / "Dataset003_B", 6, 32)
+    assert _digest(src) == before and _digest(a) == _digest(b)
+    assert len(list((a / "labelsTr").iterdir())) == 6 and len(list((a / "labelsTs").iterdir())) == 3
+    assert json.loads((a / "dataset.json").read_text())["numTraining"] == 6
+    for label in (a / "labelsTr").iterdir():
+        small = np.array(Image.open(label))
+        image = np.array(Image.open(a / "imagesTr" / label.name.replace(".png", "_0000.png")))
+        assert small.shape == image.shape == (32, 32) and set(np.unique(small)) <= {0, 1}
+        big = np.array(Image.open(src / "labelsTr" / label.name)) > 0
+        assert dice(small > 0, big.reshape(32, 2, 32, 2).mean((1, 3)) >= 0.5) > 0.85  # the same lesion, halved
+    unresized = derive_subset(src, tmp_path / "Dataset004_C", 4, None)
+    assert all(p.is_symlink() for p in (unresized / "imagesTr").iterdir())
+    with pytest.raises(SystemExit, match="2D PNG datasets only"):
+        nifti = tmp_path / "Dataset005_N"
+        make_phantom_dataset(nifti, 3, 8, 2, 1, NoiseSpec("none", alpha=0), seed=0)
+        derive_subset(nifti, tmp_path / "Dataset006_M", None, 4)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import inprocess_trainer
-from nnunetv2_dale.coords import crop_coordinates, source_indices
+from nnunetv2_dale.method.coords import crop_coordinates, source_indices
 
 pytestmark = pytest.mark.slow
 
@@ -112,8 +112,8 @@ def test_fuzzy_phase_centres_patches_on_fuzzy_voxels(tiny2d, monkeypatch, tmp_pa
     centred there; outside fuzzy phases the sampler proposes nothing."""
     import json
 
-    from nnunetv2_dale.rsets import Mixture
-    from nnunetv2_dale.sampling import SAMPLING_FILE, FuzzySampler
+    from nnunetv2_dale.method.rsets import Mixture
+    from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler
 
     tree, did, _ = tiny2d
     trainer = inprocess_trainer(tree, did, "2d", monkeypatch, nnUNet_DALE_iters="1")

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from conftest import NNUNetTree, run, tool
-from nnunetv2_dale.noise import NoiseSpec
-from nnunetv2_dale.phantoms import make_phantom_dataset
+from nnunetv2_dale.data.noise import NoiseSpec
+from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
 pytestmark = pytest.mark.slow
 KILLPOINT = Path(__file__).with_name("killpoint.py")

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunetv2_dale.memory import ConfidenceMemory, MemoryMismatchError, agreement_with_label
+from nnunetv2_dale.method.memory import ConfidenceMemory, MemoryMismatchError
+from nnunetv2_dale.method.rsets import agreement_with_label
 
 IDENTITY = {"dataset": "Dataset900_X", "plans": "nnUNetPlans", "configuration": "2d", "fold": 0}
 SHAPES = {"case_a": (1, 4, 5), "case_b": (2, 3, 3)}

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nnunetv2_dale.noise import (NoiseSpec, alpha_beta_mask, changed_fraction, corrupt_label,
+from nnunetv2_dale.data.noise import (NoiseSpec, alpha_beta_mask, changed_fraction, corrupt_label,
                                  markov_boundary_mask, missed_spurious_mask)
-from nnunetv2_dale.phantoms import make_phantom_dataset, phantom_case
+from nnunetv2_dale.data.phantoms import make_phantom_dataset, phantom_case
 
 
 def _disc(shape=(64, 64), radius=12) -> np.ndarray:

@@ -15,10 +15,10 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from PIL import Image
 
 from conftest import run, tool
-from nnunetv2_dale.alignment import FeatureAlignment, w2_diagonal
-from nnunetv2_dale.loss import DALELoss
-from nnunetv2_dale.rsets import Mixture, auroc, case_confidence, fit_mixture, histogram, loss_signal
-from nnunetv2_dale.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
+from nnunetv2_dale.method.alignment import FeatureAlignment, w2_diagonal
+from nnunetv2_dale.method.loss import DALELoss
+from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, fit_mixture, histogram, loss_signal
+from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
 
 
 def stock_loss(ignore_label=None, ds_weights=None):
@@ -158,7 +158,7 @@ def test_omega_separates_injected_noise_after_short_training(tiny2d):
 
 
 def test_class_balanced_weights_keep_each_class_total():
-    from nnunetv2_dale.loss import class_balanced
+    from nnunetv2_dale.method.loss import class_balanced
 
     g = torch.Generator().manual_seed(0)
     target = torch.randint(0, 4, (2, 1, 6, 7), generator=g)  # 3 = ignore

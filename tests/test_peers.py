@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from scipy.special import gammaln
 
 from conftest import run, tool
-from nnunetv2_dale.peers import GeneralizedCrossEntropy, SVLSCrossEntropy, TLoss, svls_kernel, svls_target
+from nnunetv2_dale.peers.losses import GeneralizedCrossEntropy, SVLSCrossEntropy, TLoss, svls_kernel, svls_target
 
 
 def test_svls_kernel_and_target_match_hand_computation():

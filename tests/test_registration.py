@@ -48,8 +48,8 @@ def lookup(python: str, names: list[str], env: dict[str, str]) -> dict[str, str]
 def test_constructor_signature_matches_nnunet():
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    from nnunetv2_dale.trainer import nnUNetTrainerDALE
-    from nnunetv2_dale.variants import nnUNetTrainerDALE_5epochs
+    from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
+    from nnunetv2_dale.method.variants import nnUNetTrainerDALE_5epochs
 
     assert issubclass(nnUNetTrainerDALE_5epochs, nnUNetTrainerDALE) and issubclass(nnUNetTrainerDALE, nnUNetTrainer)
     assert inspect.signature(nnUNetTrainerDALE.__init__) == inspect.signature(nnUNetTrainer.__init__)

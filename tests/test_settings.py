@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import NNUNetTree, inprocess_trainer, run, tool
-from nnunetv2_dale.noise import NoiseSpec
-from nnunetv2_dale.phantoms import make_phantom_dataset, phantom_case
+from nnunetv2_dale.data.noise import NoiseSpec
+from nnunetv2_dale.data.phantoms import make_phantom_dataset, phantom_case
 
 pytestmark = pytest.mark.slow
 IGNORE = 4
@@ -100,8 +100,8 @@ def test_ignored_voxels_count_in_no_dale_term(multilabel2d, monkeypatch):
     """With every voxel (ignored ones included) in the memory as if visited 10 times, the loss
     gradient at ignored voxels is zero in every phase, and they are in neither set (so neither in
     the reliable feature statistics nor in the alignment loss)."""
-    from nnunetv2_dale.rsets import Mixture
-    from nnunetv2_dale.schedule import FUZZY, JOINT, STABLE
+    from nnunetv2_dale.method.rsets import Mixture
+    from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE
 
     tree, _ = multilabel2d
     trainer = inprocess_trainer(tree, 987, "2d", monkeypatch)

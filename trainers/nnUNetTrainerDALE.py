@@ -1,2 +1,2 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``; the class lives in nnunetv2_dale."""
-from nnunetv2_dale.trainer import nnUNetTrainerDALE  # noqa: F401
+from nnunetv2_dale.method.trainer import nnUNetTrainerDALE  # noqa: F401

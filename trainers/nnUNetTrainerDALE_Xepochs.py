@@ -1,2 +1,2 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``: length variants of nnUNetTrainerDALE."""
-from nnunetv2_dale.variants import *  # noqa: F401,F403
+from nnunetv2_dale.method.variants import *  # noqa: F401,F403

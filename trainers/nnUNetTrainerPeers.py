@@ -1,2 +1,2 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``: peer noisy-label trainers."""
-from nnunetv2_dale.peer_trainers import nnUNetTrainerGCE, nnUNetTrainerSVLS, nnUNetTrainerTLoss  # noqa: F401
+from nnunetv2_dale.peers.trainers import nnUNetTrainerGCE, nnUNetTrainerSVLS, nnUNetTrainerTLoss  # noqa: F401

@@ -2,8 +2,8 @@
 ablations (one DALE component switched off)."""
 import torch
 
-from nnunetv2_dale.budget import nnUNetTrainerBudget
-from nnunetv2_dale.trainer import nnUNetTrainerDALE
+from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
+from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 
 
 class nnUNetTrainerDALE_1epoch(nnUNetTrainerDALE):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunetv2_dale.preflight import SetupError, check_path_variables, check_preprocessed, check_writable
+from nnunetv2_dale.utilities.preflight import SetupError, check_path_variables, check_preprocessed, check_writable
 
 ITERS_ENV = "nnUNet_DALE_iters"
 VAL_ITERS_ENV = "nnUNet_DALE_val_iters"

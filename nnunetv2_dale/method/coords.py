@@ -53,7 +53,7 @@ class CoordinateDataLoader(nnUNetDataLoader):
 
     Same sampling, cropping and transforms as ``nnUNetDataLoader.generate_train_batch`` in
     nnU-Net 2.8.1; the additions are the coordinate map, the shapes of the cases, and, when a
-    ``sampler`` (:class:`nnunetv2_dale.sampling.FuzzySampler`) proposes a centre, a patch centred
+    ``sampler`` (:class:`nnunetv2_dale.method.sampling.FuzzySampler`) proposes a centre, a patch centred
     there (through nnU-Net's own ``get_bbox``).
     """
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunetv2_dale.rsets import N_BINS, histogram, loss_signal
+from nnunetv2_dale.method.rsets import N_BINS, agreement_with_label, histogram, loss_signal
 
 MANIFEST = "manifest.json"
 MAX_COUNT = 255
@@ -350,11 +350,3 @@ class ConfidenceMemory:
                 shutil.rmtree(path, ignore_errors=True)
         for path in [*self.root.glob(".snapshot_epoch_*.tmp"), *self.root.glob(".snapshot_epoch_*.stale")]:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def agreement_with_label(q: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """AE = q[y]: the smoothed probability the model gives the annotated label (binary: one channel)."""
-    if q.shape[1] == 1:
-        fg = q[:, 0]
-        return torch.where(labels > 0, fg, 1 - fg)
-    return q.gather(1, labels.clamp(0, num_classes - 1).long()[:, None])[:, 0]

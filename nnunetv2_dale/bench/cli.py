@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_dale.export import reader_writer
-from nnunetv2_dale.noise import NoiseSpec, changed_fraction
-from nnunetv2_dale.preflight import tool
+from nnunetv2_dale.data.io import reader_writer
+from nnunetv2_dale.data.noise import NoiseSpec, changed_fraction
+from nnunetv2_dale.utilities.preflight import tool
 
 BASELINE_ALIAS = {"nnUNetTrainer": "nnUNetTrainerBudget"}
 SPLIT_SEED = 12345  # the held-out test split is the same for every noise level and seed
@@ -49,6 +49,12 @@ PRESETS = {
                      trainers=["nnUNetTrainer", "nnUNetTrainerDALE", "nnUNetTrainerSVLS", "nnUNetTrainerGCE",
                                "nnUNetTrainerTLoss"], epochs=15, iters=20, batch_size=8,
                      feature_scale=0.5, seeds=[0]),
+    # 100 training cases at 64x64: each case is seen ~200 times in 50 x 50 iterations of batch 8, where
+    # stock nnU-Net has begun to memorise the noise (budget curve in benchmarks/ddti_fast/)
+    "ddti-fast": dict(source="../shared/data/Dataset601_DDTI", subset=100, resize=64,
+                      noise=["clean", "alphabeta:alpha=0.7,beta=0.5", "alphabeta:alpha=0.7,beta=0.7"],
+                      trainers=["nnUNetTrainer", "nnUNetTrainerDALE"], epochs=50, iters=50, batch_size=8,
+                      feature_scale=0.5, seeds=[0, 1, 2]),
 }
 
 
@@ -138,7 +144,7 @@ def noisy_copy(source: Path, target: Path, spec: NoiseSpec, seed: int, test_frac
 
 
 def _corrupt(seg: np.ndarray, spec: NoiseSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    from nnunetv2_dale.noise import corrupt_label
+    from nnunetv2_dale.data.noise import corrupt_label
 
     if spec.model == "none":
         return seg.copy(), np.zeros(seg.shape, dtype=bool)
@@ -187,7 +193,8 @@ def train_with_progress(cmd: list[str], env: dict, log: Path, label: str, epochs
 
 def score(raw: Path, pred: Path, dataset_json: dict, band_voxels: float) -> dict:
     """Per-case metrics of ``pred`` against the clean ``raw/labelsTs``."""
-    from nnunetv2_dale.metrics import case_metrics, physical_spacing
+    from nnunetv2_dale.bench.metrics import case_metrics
+    from nnunetv2_dale.data.io import physical_spacing
 
     ending = dataset_json["file_ending"]
     cases = _cases(raw / "labelsTs", ending)
@@ -216,8 +223,8 @@ def aggregate(per_case: dict) -> dict:
 
 def noise_auroc(fold_dir: Path, preprocessed_root: Path, raw: Path, dataset_json: dict) -> dict:
     """AUROC of 1 - omega (raw geometry, known voxels of the fold's training cases) vs noiseTr."""
-    from nnunetv2_dale.export import FoldConfidence
-    from nnunetv2_dale.rsets import auroc
+    from nnunetv2_dale.audit.export import FoldConfidence
+    from nnunetv2_dale.method.rsets import auroc
 
     fc = FoldConfidence(fold_dir, preprocessed_root)
     ending = dataset_json["file_ending"]
@@ -266,10 +273,17 @@ def parse_phantom_source(source: str) -> tuple[int, int, int]:
     return dim, size, num
 
 
-def resolve_source(source: str, workdir: Path) -> tuple[Path, str]:
-    """A raw dataset folder, or ``phantoms:DIM:SIZE:NUM_TRAIN`` (generated, clean labels)."""
+def resolve_source(source: str, workdir: Path, subset: int | None = None, resize: int | None = None) -> tuple[Path, str]:
+    """A raw dataset folder, or ``phantoms:DIM:SIZE:NUM_TRAIN`` (generated, clean labels); with
+    ``subset``/``resize``, its deterministic smaller derivative (``subset.py``)."""
+    if subset is not None or resize is not None:
+        from nnunetv2_dale.bench.subset import derive_subset
+
+        folder, short = resolve_source(source, workdir)
+        short = f"{short}n{subset or 'all'}s{resize or 'orig'}"
+        return derive_subset(folder, workdir / "sources" / f"Dataset000_{short}", subset, resize), short
     if source.startswith("phantoms"):
-        from nnunetv2_dale.phantoms import make_phantom_dataset
+        from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
         dim, size, num = parse_phantom_source(source)
         folder = workdir / "sources" / f"Dataset000_Phantom{dim}D"
@@ -301,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--feature-scale", type=float, help="multiplier of nnU-Net's feature widths")
     p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--subset", type=int, help="keep a fixed random subset of this many training cases")
+    p.add_argument("--resize", type=int, help="resize 2D PNG images and labels to SIZE x SIZE")
     p.add_argument("-c", "--configuration", default=None, help="2d or 3d_fullres (default: 2d for 2D data, "
                    "else 3d_fullres)")
     p.add_argument("--dataset-id", type=int, default=800, help="first nnU-Net id used for the noisy copies")
@@ -319,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     out = Path(args.output).resolve()
-    from nnunetv2_dale.report import write_report
+    from nnunetv2_dale.bench.report import write_report
 
     if args.report_only:
         write_report(out)
@@ -334,7 +350,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
     specs = [(text, parse_noise(text)) for text in args.noise]
     for sub in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "logs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    source, short = resolve_source(args.source, out)
+    source, short = resolve_source(args.source, out, args.subset, args.resize)
     env = {**os.environ, **{n: str(out / n) for n in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}}
     env.setdefault("nnUNet_n_proc_DA", "2")
     env.setdefault("nnUNet_def_n_proc", "2")
@@ -368,7 +384,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
             configuration = args.configuration or ("2d" if _is_2d(raw) else "3d_fullres")
             dataset_json = json.loads((raw / "dataset.json").read_text())
             if args.cost and "cost" not in results:
-                from nnunetv2_dale.cost import measure
+                from nnunetv2_dale.bench.cost import measure
 
                 print(f"[{name}] cost benchmark (interleaved, same batches)", flush=True)
                 results["cost"] = {"dataset": name, **measure(did, configuration, "nnUNetPlans_cpu", env)}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunetv2_dale.rsets import Mixture, loss_signal, omega_per_voxel
+from nnunetv2_dale.method.rsets import Mixture, loss_signal, omega_per_voxel
 
 SAMPLING_FILE = "sampling.json"
 

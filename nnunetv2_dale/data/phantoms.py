@@ -4,7 +4,7 @@ Each case is a low-contrast, hypo-intense lesion with an irregular shape (an ell
 signed distance is perturbed by a smooth random field), a blurred boundary and multiplicative
 speckle, like a nodule in ultrasound. The dataset is written in nnU-Net raw format:
 
-- ``imagesTr``/``labelsTr``: training cases with NOISY labels (``nnunetv2_dale.noise``);
+- ``imagesTr``/``labelsTr``: training cases with NOISY labels (``nnunetv2_dale.data.noise``);
 - ``labelsTr_clean``: the clean training labels, ``noiseTr``: the voxels the noise changed;
 - ``imagesTs``/``labelsTs``: test cases with CLEAN labels, the reference for evaluation;
 - ``phantoms.json``: seed, sizes, noise settings and the list of corrupted cases.
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from nnunetv2_dale.noise import NoiseSpec, corrupt_label
+from nnunetv2_dale.data.noise import NoiseSpec, corrupt_label
 
 
 def phantom_case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from nnunetv2_dale.preflight import SetupError, check_writable
+    from nnunetv2_dale.utilities.preflight import SetupError, check_writable
 
     raw = args.output or os.environ.get("nnUNet_raw")
     if not raw:

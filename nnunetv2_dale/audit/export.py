@@ -21,15 +21,8 @@ from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_imag
 from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunetv2_dale.memory import MANIFEST, ConfidenceMemory
-from nnunetv2_dale.rsets import N_BINS, Mixture, case_confidence, fit_mixture, histogram, loss_signal
-
-
-def reader_writer(dataset_json: dict, example: str | Path):
-    """nnU-Net's image reader/writer for a raw dataset, chosen from its dataset.json and one file."""
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    return determine_reader_writer_from_dataset_json(dataset_json, str(example), verbose=False)()
+from nnunetv2_dale.method.memory import MANIFEST, ConfidenceMemory
+from nnunetv2_dale.method.rsets import N_BINS, Mixture, agreement_with_label, case_confidence, fit_mixture, histogram, loss_signal
 
 
 class FoldConfidence:
@@ -71,7 +64,6 @@ class FoldConfidence:
         """Mixtures fitted to the buffers themselves (only when no snapshot stored them)."""
         import torch
 
-        from nnunetv2_dale.memory import agreement_with_label
 
         hist = np.zeros((num_classes, N_BINS))
         for key in self.keys:

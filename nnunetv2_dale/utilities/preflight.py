@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-p", "--plans", default="nnUNetPlans")
     args = parser.parse_args(argv)
 
-    from nnunetv2_dale.registration import ensure_registered
+    from nnunetv2_dale.utilities.registration import ensure_registered
 
     print("nnU-Net paths:", ", ".join(f"{k}={v}" for k, v in check_path_variables().items()))
     print("torch:", check_torch())

@@ -28,6 +28,14 @@ def loss_signal(agreement: torch.Tensor) -> torch.Tensor:
     return -torch.log(agreement.clamp(EPS, 1.0))
 
 
+def agreement_with_label(q: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """AE = q[y]: the smoothed probability the model gives the annotated label (binary: one channel)."""
+    if q.shape[1] == 1:
+        fg = q[:, 0]
+        return torch.where(labels > 0, fg, 1 - fg)
+    return q.gather(1, labels.clamp(0, num_classes - 1).long()[:, None])[:, 0]
+
+
 def entropy_signal(q: torch.Tensor) -> torch.Tensor:
     """ER = H(q) / log K, in [0, 1]; ``q`` is (N, 1) p(foreground) for binary tasks or (N, K)."""
     p = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
@@ -121,8 +129,6 @@ def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtu
                     min_visits: int) -> np.ndarray:
     """omega for every voxel of one case (arrays shaped like the case; ``q`` has a trailing channel
     axis). Voxels visited fewer than ``min_visits`` times are NaN (unknown), not confident."""
-    from nnunetv2_dale.memory import agreement_with_label
-
     k = len(mixtures)
     flat_q = torch.from_numpy(q.reshape(-1, q.shape[-1]).astype(np.float32))
     lab = torch.from_numpy(labels.reshape(-1).astype(np.int64)).clamp(0, k - 1)

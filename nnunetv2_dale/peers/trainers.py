@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from nnunetv2_dale.budget import nnUNetTrainerBudget
-from nnunetv2_dale.peers import DeepSupervised, DiceAnd, GeneralizedCrossEntropy, SVLSCrossEntropy, TLoss
+from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
+from nnunetv2_dale.peers.losses import DeepSupervised, DiceAnd, GeneralizedCrossEntropy, SVLSCrossEntropy, TLoss
 
 
 def dice_and(trainer: nnUNetTrainerBudget, ce) -> DeepSupervised:

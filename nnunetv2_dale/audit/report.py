@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_dale.export import FoldConfidence
+from nnunetv2_dale.audit.export import FoldConfidence
 
 
 def _fold_dir(dataset: str, configuration: str, fold: str, trainer: str, plans: str) -> Path:
@@ -66,8 +66,8 @@ def write_confidence(omega: np.ndarray, path: Path, properties: dict, ending: st
 
 def audit(fc: FoldConfidence, raw: Path, out: Path, threshold: float, pictures: int) -> list[dict]:
     """Write maps, CSV, summary and overlays; return the CSV rows, worst first."""
-    from nnunetv2_dale.export import reader_writer
-    from nnunetv2_dale.metrics import physical_spacing
+    from nnunetv2_dale.data.io import reader_writer
+    from nnunetv2_dale.data.io import physical_spacing
 
     ending = fc.dataset_json["file_ending"]
     first = raw / "labelsTr" / f"{fc.keys[0]}{ending}"
@@ -121,13 +121,13 @@ def _overlay(rw, raw: Path, out: Path, key: str, ending: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnunetv2_dale.report import _slice
+    from nnunetv2_dale.data.io import view_slice
 
     images = sorted((raw / "imagesTr").glob(f"{key}_[0-9][0-9][0-9][0-9]{ending}"))
     image, _ = rw.read_images([str(images[0])])
     label, _ = rw.read_seg(str(raw / "labelsTr" / f"{key}{ending}"))
     suspect, _ = rw.read_seg(str(out / "suspect" / f"{key}{ending}"))
-    img, lab, sus = _slice(image[0], suspect[0]), _slice(label[0], suspect[0]), _slice(suspect[0], suspect[0])
+    img, lab, sus = view_slice(image[0], suspect[0]), view_slice(label[0], suspect[0]), view_slice(suspect[0], suspect[0])
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
     axes[0].imshow(img, cmap="gray")
     axes[0].set_title(f"{key}", fontsize=8)
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--min-visits", type=int, default=3, help="fewer visits = unknown")
     p.add_argument("--pictures", type=int, default=10, help="overlays of the worst N cases (3D data)")
     args = p.parse_args(argv)
-    from nnunetv2_dale.preflight import check_path_variables
+    from nnunetv2_dale.utilities.preflight import check_path_variables
 
     check_path_variables(("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"))
     fold = _fold_dir(args.dataset, args.configuration, args.fold, args.trainer, args.plans)

@@ -7,8 +7,8 @@
 - buffer bytes per voxel on disk.
 
 ``nnUNetv2_dale_bench --cost`` runs it on the benchmark's dataset and plans; alone:
-    python -m nnunetv2_dale.cost --phantoms [--size 96] [--cases 40 160] [--iters 40]
-    python -m nnunetv2_dale.cost -d DATASET_ID [-c 2d] [-p PLANS]   (nnUNet_* variables set)
+    python -m nnunetv2_dale.bench.cost --phantoms [--size 96] [--cases 40 160] [--iters 40]
+    python -m nnunetv2_dale.bench.cost -d DATASET_ID [-c 2d] [-p PLANS]   (nnUNet_* variables set)
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def prepare(workdir: Path, cases: int, size: int, dataset_id: int) -> dict[str, str]:
-    from nnunetv2_dale.noise import NoiseSpec
-    from nnunetv2_dale.phantoms import make_phantom_dataset
+    from nnunetv2_dale.data.noise import NoiseSpec
+    from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}  # 0 breaks preprocessing
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -111,7 +111,7 @@ def measure(dataset_id: int, configuration: str, plans: str, env: dict[str, str]
             warmup: int = 3) -> dict:
     """Timing and peak RSS in child processes (nnU-Net reads its path variables at import)."""
     def child(*extra: str) -> dict:
-        cmd = [sys.executable, "-m", "nnunetv2_dale.cost", "-d", str(dataset_id), "-c", configuration, "-p", plans,
+        cmd = [sys.executable, "-m", "nnunetv2_dale.bench.cost", "-d", str(dataset_id), "-c", configuration, "-p", plans,
                "--iters", str(iters), "--warmup", str(warmup), *extra]
         done = subprocess.run(cmd, env=_child_env(env), capture_output=True, text=True)
         if done.returncode != 0:

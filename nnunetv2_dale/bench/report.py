@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_dale.data.io import view_slice
+
 BASELINE = "nnUNetTrainer"
 
 
@@ -118,16 +120,6 @@ def figure_dice_vs_noise(results: dict, out: Path) -> list[str]:
     return written
 
 
-def _slice(volume: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """A 2D view: the image itself for 2D data, else the slice (first axis) with most foreground."""
-    v, r = np.asarray(volume), np.asarray(ref)
-    while v.ndim > 3:
-        v, r = v[0], r[0] if r.ndim > 3 else r
-    if v.shape[0] == 1:
-        return v[0]
-    return v[int(np.argmax((r > 0).reshape(r.shape[0], -1).sum(1)))]
-
-
 def figure_examples(results: dict, out: Path, n_cases: int = 3) -> list[str]:
     """Test and training examples of the strongest noise level of each dataset (first seed)."""
     import matplotlib
@@ -135,7 +127,7 @@ def figure_examples(results: dict, out: Path, n_cases: int = 3) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnunetv2_dale.export import reader_writer
+    from nnunetv2_dale.data.io import reader_writer
 
     written = []
     for dataset, by_noise in _groups(results.get("runs", {})).items():
@@ -161,10 +153,10 @@ def figure_examples(results: dict, out: Path, n_cases: int = 3) -> list[str]:
         for row, case in zip(axes, chosen):
             image, _ = rw.read_images([str(p) for p in sorted((raw / "imagesTs").glob(f"{case}_*{ending}"))][:1])
             ref, _ = rw.read_seg(str(raw / "labelsTs" / f"{case}{ending}"))
-            panels = [("image", _slice(image[0], ref[0]), "gray"), ("clean label", _slice(ref[0], ref[0]), "gray")]
+            panels = [("image", view_slice(image[0], ref[0]), "gray"), ("clean label", view_slice(ref[0], ref[0]), "gray")]
             for t in trainers:
                 pred, _ = rw.read_seg(str(out / recs[t]["predictions"] / f"{case}{ending}"))
-                panels.append((f"{t}\nDice {recs[t]['per_case'][case]['1']['dice']:.3f}", _slice(pred[0], ref[0]), "gray"))
+                panels.append((f"{t}\nDice {recs[t]['per_case'][case]['1']['dice']:.3f}", view_slice(pred[0], ref[0]), "gray"))
             for ax, (title, img, cmap) in zip(row, panels):
                 ax.imshow(img, cmap=cmap)
                 ax.set_title(f"{case}: {title}" if title == "image" else title, fontsize=7)
@@ -183,7 +175,7 @@ def _train_examples(recs: dict, raw: Path, rw, ending: str, out: Path, dataset: 
                     n_cases: int) -> list[str]:
     import matplotlib.pyplot as plt
 
-    from nnunetv2_dale.export import FoldConfidence
+    from nnunetv2_dale.audit.export import FoldConfidence
 
     dale = next((r for r in recs.values() if "noise_detection" in r), None)
     if dale is None:
@@ -201,9 +193,9 @@ def _train_examples(recs: dict, raw: Path, rw, ending: str, out: Path, dataset: 
         noisy, _ = rw.read_seg(str(raw / "labelsTr" / f"{key}{ending}"))
         omega, _, props = fc.preprocessed(key)
         suspicion = 1 - fc.to_raw(omega, props)
-        panels = [("image", _slice(image[0], clean[0]), "gray", None), ("clean label", _slice(clean[0], clean[0]), "gray", None),
-                  ("noisy training label", _slice(noisy[0], clean[0]), "gray", None),
-                  ("DALE 1 - omega (white: unknown)", _slice(suspicion.reshape(clean[0].shape), clean[0]), "magma", (0, 1))]
+        panels = [("image", view_slice(image[0], clean[0]), "gray", None), ("clean label", view_slice(clean[0], clean[0]), "gray", None),
+                  ("noisy training label", view_slice(noisy[0], clean[0]), "gray", None),
+                  ("DALE 1 - omega (white: unknown)", view_slice(suspicion.reshape(clean[0].shape), clean[0]), "magma", (0, 1))]
         for ax, (title, img, cmap, lim) in zip(row, panels):
             shown = ax.imshow(np.ma.masked_invalid(img), cmap=cmap, vmin=None if lim is None else lim[0],
                               vmax=None if lim is None else lim[1])

@@ -22,11 +22,6 @@ def _squeeze(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, 
     return mask.reshape([mask.shape[i] for i in keep]), tuple(float(spacing[i]) for i in keep)
 
 
-def physical_spacing(spacing) -> list[float]:
-    """The real voxel spacing: without the 999 nnU-Net's 2D readers put on the dummy axis."""
-    return [float(s) for s in spacing if s < 999] or [1.0]
-
-
 def dice(pred: np.ndarray, ref: np.ndarray) -> float:
     """2|P & R| / (|P| + |R|) of two boolean masks; NaN when both are empty."""
     denom = int(pred.sum()) + int(ref.sum())

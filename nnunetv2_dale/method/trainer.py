@@ -1,0 +1,458 @@
+"""``nnUNetTrainerDALE``: nnU-Net's trainer with DALE's label-confidence memory and objective.
+
+- Memory: a temporal ensemble of the softmax per training voxel, following nnU-Net's augmentation
+  through coordinate maps, persisted with every checkpoint (``memory.py``, ``coords.py``).
+- Objective (``rsets.py``, ``loss.py``, ``alignment.py``, ``schedule.py``): warm-up with the stock
+  loss; then stable phases (Dice+CE weighted per voxel by the label confidence omega from a
+  per-class two-component mixture on the loss-consistency signal) alternate with fuzzy phases
+  (collaborative soft target + distribution alignment of fuzzy-region decoder features to the
+  reliable-region statistics). See docs/method.md.
+
+DDP design: every rank updates the buffers of the cases in its own batches (the buffers are files
+in the fold folder, shared by all ranks of a node); the per-epoch statistics (newly visited voxels,
+confidence sums and counts) are all-reduced before they are logged; snapshots are written by rank 0
+between barriers, so no rank updates buffers while they are copied.
+"""
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import distributed as dist
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunetv2_dale import __version__
+from nnunetv2_dale.method.alignment import FeatureAlignment
+from nnunetv2_dale.method.coords import source_indices, training_loader_with_coordinates
+from nnunetv2_dale.method.loss import DALELoss, class_balanced, sharpen
+from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, entropy_signal, fit_mixture, loss_signal,
+                                        omega_per_voxel)
+from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler
+from nnunetv2_dale.method.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
+from nnunetv2_dale.method.memory import ConfidenceMemory, MemoryMismatchError, write_json_atomic
+from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
+from nnunetv2_dale.utilities.preflight import SetupError
+from nnunetv2_dale.method.progress import DALELocalLogger, save_buffer_picture
+
+MEMORY_FOLDER = "dale_memory"
+CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
+TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")  # torch.save's zip writer
+
+
+@contextmanager
+def write_failures_explained(folder: str | os.PathLike, what: str, partial: str | None = None):
+    """Turn an OSError while writing (disk full, file too large, read-only, permissions) into one
+    message that says the fold is intact and how to go on; remove the partial temporary file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in TORCH_WRITE_ERRORS):
+            raise
+        if partial is not None and os.path.isfile(partial):
+            os.remove(partial)
+        reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else \
+            f"{str(e).strip().splitlines()[-1]} (is the disk full?)"
+        raise SetupError(
+            f"could not write {what} in {folder}: {reason}. The fold stays "
+            "consistent: every checkpoint on disk still has its DALE buffers. Free disk space (or fix the folder's "
+            "permissions / file-size limit), then continue with the same nnUNetv2_train command plus --c.") from None
+
+
+class nnUNetTrainerDALE(nnUNetTrainerBudget):
+    """nnU-Net trainer for noisy labels (DALE).
+
+    Hyperparameters (instance attributes, set in ``__init__``; defaults are ours, see docs/method.md):
+
+    - ``dale_warmup_fraction`` (0.1): share of epochs trained with the stock loss first.
+    - ``dale_phase_period`` (1): epochs per stable/fuzzy block.
+    - ``dale_min_visits`` (3): voxels visited fewer times keep omega = 1.
+    - ``dale_mixture_tied`` (True): both mixture components share one variance (omega monotone in
+      the loss; see ``rsets.fit_mixture``). False was the 0.1.0 default (``nnUNetTrainerDALE_v01``).
+    - ``dale_sharpen_temperature`` (0.5): temperature of sharpen(q) in the collaborative target.
+    - ``dale_align_weight`` (0.1): lambda, the maximum weight of the alignment term, reached after a
+      linear ramp over ``dale_align_rampup_fraction`` (0.2) of the post-warm-up epochs.
+    - ``dale_align_standardise`` (True): measure the alignment in reliable standard deviations
+      (False, raw feature units, was the 0.1.0 default).
+    - ``dale_fuzzy_sampling_share`` (0.5): in fuzzy phases, the share of patches centred on a voxel
+      drawn with probability proportional to its fuzzy membership (0 turns the bias off).
+    - ``dale_class_balanced_weights`` (False): rescale the stable-phase weights omega per class
+      and batch to mean 1 over that class's labelled voxels, so confidence redistributes weight
+      within a class instead of removing it from the class whose boundary is least certain.
+    - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
+      off by the ablation variants.
+
+    - ``dale_ema_min_weight`` (0.2): floor of the weight of a new visit in the temporal ensemble;
+      the first visits are averaged (weight 1/(n+1)), later ones weighted at least this much, so q
+      follows roughly the last 1/0.2 = 5 visits of a voxel.
+    - ``dale_picture_every`` (10): epochs between pictures of one case's buffers
+      (``<fold>/dale_memory_pictures``).
+
+    Budgets, start-up checks and length variants come from :class:`nnUNetTrainerBudget`.
+    """
+
+    use_confidence: bool = True  # class-level switches of the ablation variants, copied in __init__
+    use_alternation: bool = True
+    use_alignment: bool = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions:
+            raise SetupError(
+                "region-based training (regions_class_order in dataset.json) is not supported by "
+                "nnUNetTrainerDALE: its label confidence is defined per class. Train this dataset with "
+                "-tr nnUNetTrainer, or convert it to plain labels.")
+        self.dale_ema_min_weight = 0.2
+        self.dale_picture_every = 10
+        self.dale_warmup_fraction = 0.1
+        self.dale_phase_period = 1
+        self.dale_min_visits = 3
+        self.dale_mixture_tied = True
+        self.dale_align_standardise = True
+        self.dale_sharpen_temperature = 0.5
+        self.dale_align_weight = 0.1
+        self.dale_align_rampup_fraction = 0.2
+        self.dale_fuzzy_sampling_share = 0.5
+        self.dale_class_balanced_weights = False
+        self.dale_use_confidence = self.use_confidence
+        self.dale_use_alternation = self.use_alternation
+        self.dale_use_alignment = self.use_alignment
+        self.mixtures: list[Mixture] = [Mixture() for _ in self.label_manager.all_labels]
+        self.alignment = FeatureAlignment(len(self.label_manager.all_labels))
+        self._epoch_terms: dict[str, list[float]] = {}
+        self.memory: ConfidenceMemory | None = None
+        self._dale_restore: tuple[int, str] | None = None
+        self._skipped_steps = 0
+        self.logger.local_logger = DALELocalLogger()
+        self.print_to_log_file(
+            f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
+            f"{'on' if self.dale_use_confidence else 'OFF'}, alternation {'on' if self.dale_use_alternation else 'OFF'}, "
+            f"alignment {'on' if self.dale_use_alignment else 'OFF'}; set by the variant).",
+            also_print_to_console=True,
+        )
+
+    # ------------------------------------------------------------------ set-up
+    @property
+    def memory_folder(self) -> Path:
+        return Path(self.output_folder) / MEMORY_FOLDER
+
+    def _build_loss(self):
+        return DALELoss(self.configuration_manager.batch_dice, self.label_manager.ignore_label, self.is_ddp,
+                        self.deep_supervision_weights())
+
+    def initialize(self):
+        super().initialize()
+        self.alignment.standardise = self.dale_align_standardise
+        if self.dale_use_alignment:
+            self.alignment.attach(self.network)
+
+    def phase(self, epoch: int | None = None) -> str:
+        epoch = self.current_epoch if epoch is None else epoch
+        return phase_of_epoch(epoch, self.num_epochs, self.dale_warmup_fraction, self.dale_phase_period,
+                              self.dale_use_alternation)
+
+    def get_dataloaders(self):
+        sampler = FuzzySampler(self.memory_folder) if self.dale_fuzzy_sampling_share > 0 else None
+        with training_loader_with_coordinates(sampler):
+            return super().get_dataloaders()
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        if self.memory is not None and self.local_rank == 0:  # read by the augmentation workers
+            write_json_atomic(self.memory_folder / SAMPLING_FILE, {
+                "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
+                "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures]})
+
+    def _build_memory(self) -> ConfidenceMemory:
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        keys = sorted(dataset_tr.identifiers)
+        shapes = {k: tuple(dataset_tr.load_case(k)[0].shape[1:]) for k in keys}
+        identity = {"dataset": self.plans_manager.dataset_name, "plans": self.plans_manager.plans_name,
+                    "configuration": self.configuration_name, "fold": self.fold}
+        memory = ConfidenceMemory(self.memory_folder, shapes, len(self.label_manager.all_labels), identity,
+                                  self.dale_ema_min_weight)
+        ignore = self.label_manager.ignore_label
+        if ignore is not None:  # source voxels with the ignore label never enter the memory
+            for k in keys:
+                memory.exclude(k, np.asarray(dataset_tr.load_case(k)[1][0]) == ignore, write=self.local_rank == 0)
+        return memory
+
+    def _barrier(self) -> None:
+        if self.is_ddp:
+            dist.barrier()
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.memory = self._build_memory()
+        if self.local_rank == 0:
+            with write_failures_explained(self.memory_folder, "the DALE buffers"):
+                if self._dale_restore is None:
+                    self.memory.reset()
+                else:
+                    epoch, name = self._dale_restore
+                    try:
+                        self.memory.restore(epoch, name)
+                    except MemoryMismatchError as e:
+                        raise SetupError(str(e)) from None
+        self._barrier()
+        if self._dale_restore is not None:
+            manifest = json.loads((self.memory.live / "manifest.json").read_text())
+            self.memory.visited_voxels = manifest["visited_voxels"]
+            extra = manifest.get("extra", {})
+            if "mixtures" in extra:
+                self.mixtures = [Mixture.from_dict(m) for m in extra["mixtures"]]
+            if "alignment" in extra:
+                self.alignment.load_state(extra["alignment"])
+        where = "restored from epoch %d" % self._dale_restore[0] if self._dale_restore else "new"
+        self.print_to_log_file(
+            f"DALE memory ({where}): {len(self.memory.case_shapes)} cases, {self.memory.total_voxels} voxels, "
+            f"{self.memory.channels} float16 channel(s) + uint8 visit count = {2 * self.memory.channels + 1} "
+            f"bytes/voxel, in {self.memory.live}")
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net 2.8.1's ``train_step`` with the DALE loss of the current phase, and the memory
+        update from the same forward pass."""
+        data = batch['data'].to(self.device, non_blocking=True)
+        target = batch['target']
+        if isinstance(target, list):
+            target = [i.to(self.device, non_blocking=True) for i in target]
+        else:
+            target = target.to(self.device, non_blocking=True)
+        phase = self.phase()
+        use_memory = phase != WARMUP and self.memory is not None and "regression_target" in batch
+
+        self.optimizer.zero_grad(set_to_none=True)
+        self.alignment.active = use_memory and self.dale_use_alignment
+        try:
+            with torch.autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+                output = self.network(data)
+                if use_memory:
+                    loss, terms = self.dale_loss(batch, output, target, phase)
+                else:
+                    loss, terms = self.loss(output, target), {}
+        finally:
+            self.alignment.active = False
+            features, self.alignment.features = self.alignment.features, None
+        del features
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            if torch.isfinite(norm):  # as the GPU grad scaler does: a non-finite step would ruin the weights
+                self.optimizer.step()
+            else:  # under DDP the gradients are all-reduced, so every rank skips the same step
+                self._skipped_steps += 1
+        self.update_memory(batch, output)
+        for k, v in terms.items():
+            self._epoch_terms.setdefault(k, []).append(v)
+        return {'loss': loss.detach().cpu().numpy()}
+
+    def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
+        targets = target if isinstance(target, list) else [target]
+        omega, reliable, fuzzy, soft, onehot = self.rset_maps(batch)
+        ds = len(targets) > 1
+        omegas = self._to_scales(omega, targets)
+        terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
+        loss = 0
+        if phase in (STABLE, JOINT):
+            if self.dale_class_balanced_weights:
+                omegas = [class_balanced(o, t, len(self.label_manager.all_labels), self.label_manager.ignore_label)
+                          for o, t in zip(omegas, targets)]
+            w = [o.to(self.device) for o in omegas]
+            stable = self.loss(output, target, weights=w if ds else w[0])
+            loss = loss + stable
+            terms["stable_loss"] = float(stable.detach())
+            if self.dale_use_alignment and self.alignment.features is not None:
+                self.alignment.update_reliable(self.alignment.features, reliable * onehot, self.is_ddp)
+        if phase in (FUZZY, JOINT):
+            softs = [s.to(self.device) for s in self._to_scales(soft, targets)]
+            collaborative = self.loss(output, target, soft=softs if ds else softs[0])
+            loss = loss + collaborative
+            terms["fuzzy_loss"] = float(collaborative.detach())
+            lam = alignment_weight(self.current_epoch, self.num_epochs, self.dale_warmup_fraction,
+                                   self.dale_align_weight, self.dale_align_rampup_fraction)
+            if self.dale_use_alignment and self.alignment.features is not None and lam > 0:
+                align = self.alignment.loss(self.alignment.features, (fuzzy * soft).to(self.device))
+                loss = loss + lam * align
+                terms["align_loss"] = float(align.detach())
+        return loss, terms
+
+    @torch.no_grad()
+    def rset_maps(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """Per patch voxel (full resolution, CPU): omega (B,1,*S), reliable and fuzzy membership
+        (B,1,*S), the collaborative target y~ (B,K,*S) and the one-hot label (B,K,*S)."""
+        labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        k = len(self.label_manager.all_labels)
+        shape = labels_full.shape
+        omega = torch.ones(shape)
+        entropy = torch.zeros(shape)
+        q_full = torch.zeros((shape[0], k, *shape[2:]))
+        for b, key, index, valid, labels in self._patch_voxels(batch):
+            q, visits = self.memory.read(key, index)
+            known = valid & (visits >= self.dale_min_visits)
+            lab = labels.clamp(0, k - 1)
+            om = self.label_confidence(key, index, valid, known, lab, q)
+            er = torch.where(known, entropy_signal(q), torch.zeros(()))
+            qk = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
+            onehot = torch.nn.functional.one_hot(lab, k).float()
+            qk = torch.where(known[:, None], qk, onehot)
+            omega[b] = om.reshape(shape[1:])
+            entropy[b] = er.reshape(shape[1:])
+            q_full[b] = qk.T.reshape(k, *shape[2:])
+        if not self.dale_use_confidence:
+            reliable, fuzzy, omega = 1 - entropy, entropy, torch.ones_like(omega)
+        else:
+            reliable, fuzzy = omega * (1 - entropy), 1 - omega
+        onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
+        soft = omega * onehot + (1 - omega) * sharpen(q_full, self.dale_sharpen_temperature)
+        ignore = self.label_manager.ignore_label
+        if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
+            counted = (labels_full != ignore).float()
+            reliable, fuzzy = reliable * counted, fuzzy * counted
+        return omega, reliable, fuzzy, soft, onehot
+
+    def label_confidence(self, key: str, index: torch.Tensor, valid: torch.Tensor, known: torch.Tensor,
+                         labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """omega of every patch voxel: the clean posterior of its class mixture at its loss
+        signal; 1 where the voxel is not ``known`` (padding, ignored, or visited too rarely)."""
+        losses = loss_signal(agreement_with_label(q, labels, len(self.mixtures)))
+        return omega_per_voxel(losses, labels, known, self.mixtures)
+
+    def _patch_voxels(self, batch: dict):
+        """Per sample: (b, case key, source index, valid mask, full-resolution label) of every patch
+        voxel; ignored-label voxels are not valid (they never update or read the memory)."""
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        ignore = self.label_manager.ignore_label
+        for b, key in enumerate(batch["keys"]):
+            index, valid = source_indices(batch["regression_target"][b], batch["case_shapes"][b])
+            labels = target[b].reshape(-1).long()
+            if ignore is not None:
+                valid &= labels != ignore
+            yield b, key, index, valid, labels
+
+    @staticmethod
+    def _to_scales(full: torch.Tensor, targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Downsample a full-resolution map to every deep-supervision target, as nnU-Net does."""
+        return [full if t.shape[2:] == full.shape[2:] else
+                torch.nn.functional.interpolate(full, t.shape[2:], mode="nearest-exact") for t in targets]
+
+    @torch.no_grad()
+    def update_memory(self, batch: dict, output) -> None:
+        """Scatter the batch's full-resolution softmax into the buffers of its cases."""
+        if self.memory is None or "regression_target" not in batch:
+            return
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        probs = torch.softmax(logits.detach().float(), 1).cpu()
+        for b, key, index, valid, labels in self._patch_voxels(batch):
+            p = probs[b].reshape(probs.shape[1], -1).T
+            self.memory.update(key, index[valid], p[valid], labels[valid])
+
+    @torch.no_grad()
+    def patch_confidence(self, batch: dict) -> list[torch.Tensor]:
+        """Per-voxel label confidence q[y] for the batch's augmented patches, one tensor per deep
+        supervision output (full resolution first), each shaped like its target; NaN where the
+        voxel is padding or was never visited. Lower resolutions are downsampled like nnU-Net
+        downsamples targets (nearest-exact)."""
+        targets = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
+        full = targets[0]
+        conf = torch.full(full.shape, float("nan"), dtype=torch.float32)
+        for b, key, index, valid, labels in self._patch_voxels(batch):
+            q, visits = self.memory.read(key, index)
+            agreement = agreement_with_label(q, labels, self.memory.num_classes)
+            agreement[~valid | (visits == 0)] = float("nan")
+            conf[b] = agreement.reshape(full.shape[1:])
+        return self._to_scales(conf, targets)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self.memory is None:
+            return
+        visited, confidence, skipped, hist = self.memory.finish_epoch(self.is_ddp)
+        self.mixtures = [fit_mixture(h, tied=self.dale_mixture_tied) for h in hist]
+        terms = {k: float(np.mean(v)) for k, v in self._epoch_terms.items()}
+        self._epoch_terms = {}
+        phase = self.phase()
+        self.logger.log("dale_visited_fraction", visited, self.current_epoch)
+        self.logger.log("dale_mean_confidence", confidence, self.current_epoch)
+        self.logger.log("dale_phase", PHASE_CODES[phase], self.current_epoch)
+        self.logger.log("dale_reliable_fraction", terms.get("reliable_fraction", float("nan")), self.current_epoch)
+        self.logger.log("dale_fuzzy_fraction", terms.get("fuzzy_fraction", float("nan")), self.current_epoch)
+        self.logger.log("dale_align_loss", terms.get("align_loss", float("nan")), self.current_epoch)
+        fitted = [f"class {c}: clean l~N({m.means[0]:.2f},{m.stds[0]:.2f}) w={m.weights[0]:.2f}, noisy "
+                  f"l~N({m.means[1]:.2f},{m.stds[1]:.2f})" if m.fitted else f"class {c}: one population (omega=1)"
+                  for c, m in enumerate(self.mixtures)]
+        self.print_to_log_file(f"DALE phase {phase}: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(terms.items()))
+                               + f". Mixtures for the next epoch: {'; '.join(fitted)}")
+        self.print_to_log_file(
+            f"DALE memory: {visited:.1%} of voxels visited; mean label confidence per class (voxels seen this "
+            f"epoch): {', '.join(f'{c:.3f}' for c in confidence)}"
+            + (f"; {skipped} patches with non-finite network output skipped (memory not updated)" if skipped else "")
+            + (f"; {self._skipped_steps} optimizer steps skipped (non-finite gradients)" if self._skipped_steps else ""))
+        self._skipped_steps = 0
+        if self.local_rank == 0 and (self.current_epoch % self.dale_picture_every == 0
+                                     or self.current_epoch == self.num_epochs - 1):
+            self._save_picture()
+
+    def _save_picture(self) -> None:
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        key = sorted(self.memory.case_shapes)[0]
+        seg = np.asarray(dataset_tr.load_case(key)[1][0])
+        q, n = self.memory.case_arrays(key)
+        save_buffer_picture(Path(self.output_folder) / "dale_memory_pictures" / f"epoch_{self.current_epoch:04d}_{key}.png",
+                            seg, q, n, f"{key}, epoch {self.current_epoch}")
+
+    # -------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, filename: str) -> None:
+        """Buffers first (snapshot stamped with the checkpoint's epoch), then the checkpoint, written
+        to a temporary file and renamed, so that a kill at any moment leaves every checkpoint on disk
+        with a complete snapshot of its epoch."""
+        epoch = self.current_epoch + 1  # what nnU-Net stores as checkpoint['current_epoch']
+        write_memory = self.memory is not None and not self.disable_checkpointing
+        self._barrier()
+        tmp = filename + ".tmp"
+        with write_failures_explained(os.path.dirname(filename), os.path.basename(filename), tmp):
+            if write_memory and self.local_rank == 0:
+                self.memory.snapshot(epoch, {"mixtures": [m.to_dict() for m in self.mixtures],
+                                             "alignment": self.alignment.state()})
+            super().save_checkpoint(tmp)
+            if self.local_rank == 0 and os.path.isfile(tmp):
+                name = os.path.basename(filename)
+                if write_memory:  # a kill between rename and record must not let pruning drop either snapshot
+                    self._record_checkpoint_epoch(name, epoch, pending=True)
+                os.replace(tmp, filename)
+                if write_memory:
+                    self._record_checkpoint_epoch(name, epoch)
+        self._barrier()
+
+    def _record_checkpoint_epoch(self, name: str, epoch: int, pending: bool = False) -> None:
+        """``checkpoint_epochs.json``: checkpoint file -> the epochs its file may hold (two while a
+        rename is pending); snapshots of no listed epoch are pruned."""
+        path = self.memory_folder / CHECKPOINT_EPOCHS
+        epochs = json.loads(path.read_text()) if path.is_file() else {}
+        epochs = {n: [e] if isinstance(e, int) else list(e) for n, e in epochs.items()}
+        epochs[name] = sorted({*epochs.get(name, []), epoch}) if pending else [epoch]
+        epochs = {n: e for n, e in epochs.items()
+                  if os.path.isfile(os.path.join(self.output_folder, n)) or (pending and n == name)}
+        write_json_atomic(path, epochs)
+        if not pending:
+            self.memory.prune({e for listed in epochs.values() for e in listed})
+
+    def on_train_end(self):
+        super().on_train_end()  # writes checkpoint_final.pth, then deletes checkpoint_latest.pth
+        if self.memory is not None and self.local_rank == 0 and not self.disable_checkpointing:
+            self._record_checkpoint_epoch("checkpoint_final.pth", self.current_epoch)
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        name = os.path.basename(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else "checkpoint"
+        self._dale_restore = (self.current_epoch, name)  # applied in on_train_start; --val never touches buffers
