@@ -163,3 +163,21 @@ def test_subset_is_deterministic_resized_and_never_touches_the_source(tmp_path):
         nifti = tmp_path / "Dataset005_N"
         make_phantom_dataset(nifti, 3, 8, 2, 1, NoiseSpec("none", alpha=0), seed=0)
         derive_subset(nifti, tmp_path / "Dataset006_M", None, 4)
+
+
+def test_oracle_trainer_knows_exactly_the_changed_training_voxels(tmp_path):
+    """The oracle's noise masks, built in preprocessed geometry, cover as many voxels of the fold's
+    training cases as the benchmark's raw noiseTr masks do."""
+    import re
+
+    out = tmp_path / "bench"
+    run([tool("nnUNetv2_dale_bench"), "-s", "phantoms:2:32:10", "-o", str(out), "--noise", "alphabeta:alpha=1,beta=0.5",
+         "-tr", "nnUNetTrainerOracleIgnore", "--epochs", "1", "--iters", "2"], clean_env(), timeout=900)
+    raw = next((out / "nnUNet_raw").glob("Dataset*"))
+    train = json.loads((out / "nnUNet_preprocessed" / raw.name / "splits_final.json").read_text())[0]["train"]
+    masks = [np.array(Image.open(raw / "noiseTr" / f"{k}.png")) > 0 for k in train]
+    expected = sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+    log = next((out / "nnUNet_results").rglob("training_log_*.txt")).read_text()
+    found = re.search(r"Oracle: noise masks of (\d+) cases, ([0-9.]+)% of voxels changed", log)
+    assert found and int(found.group(1)) == len(train)
+    assert expected > 0.02 and float(found.group(2)) / 100 == pytest.approx(expected, abs=6e-5)
