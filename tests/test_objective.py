@@ -169,3 +169,17 @@ def test_class_balanced_weights_keep_each_class_total():
         ratio = out[target == c] / omega[target == c]
         assert torch.allclose(ratio, ratio[0].expand_as(ratio))  # within a class only rescaled
     assert (out[target == 3] == 0).all()
+
+
+def test_ensemble_consistency_pulls_toward_the_ensemble_only_where_known():
+    from nnunetv2_dale.method.loss import ensemble_consistency
+
+    logits = torch.zeros(1, 2, 2, 2, requires_grad=True)  # p = (0.5, 0.5) everywhere
+    q = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1).expand(1, 2, 2, 2).clone()
+    known = torch.tensor([[True, True], [False, False]]).view(1, 1, 2, 2)
+    value = ensemble_consistency(logits, q, known)
+    assert float(value) == pytest.approx(np.log(0.5), rel=1e-4)  # <p, q> = 0.5 on the known voxels
+    value.backward()
+    g = logits.grad[0]
+    assert (g[0, 0] < 0).all() and (g[1, 0] > 0).all()  # descent raises the logit of the ensemble's class
+    assert (g[:, 1] == 0).all()  # unknown voxels get no gradient

@@ -117,7 +117,8 @@ def test_ignored_voxels_count_in_no_dale_term(multilabel2d, monkeypatch):
     targets = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
     ignored = targets[0] == IGNORE
     assert ignored.any() and (~ignored).any()
-    _, reliable, fuzzy, _, _ = trainer.rset_maps(batch)
+    maps = trainer.rset_maps(batch)
+    reliable, fuzzy = maps.reliable, maps.fuzzy
     assert (reliable[ignored] == 0).all() and (fuzzy[ignored] == 0).all()
     assert fuzzy[~ignored].max() > 0.1 and reliable[~ignored].max() > 0.1  # the sets are not trivially empty
     for phase in (STABLE, FUZZY, JOINT):

@@ -85,3 +85,14 @@ def class_balanced(omega: torch.Tensor, target: torch.Tensor, num_classes: int, 
     if ignore is not None:
         out[labels == ignore] = 0
     return out
+
+
+def ensemble_consistency(logits: torch.Tensor, ensemble: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean over ``known`` voxels of log(1 - <p, q>): p the softmax of ``logits`` (B,K,*S), q the
+    temporal ensemble (B,K,*S, no gradient), ``known`` (B,1,*S). Minimising it keeps p close to
+    q (early-learning regularisation); p is clipped to [1e-4, 1 - 1e-4] and renormalised."""
+    p = torch.softmax(logits.float(), 1).clamp(1e-4, 1 - 1e-4)
+    p = p / p.sum(1, keepdim=True)
+    inner = (p * ensemble.detach()).sum(1, keepdim=True).clamp(max=1 - 1e-4)
+    weight = known.float()
+    return (torch.log(1 - inner) * weight).sum() / weight.sum().clamp_min(1)

@@ -17,6 +17,7 @@ import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_dale import __version__
 from nnunetv2_dale.method.alignment import FeatureAlignment
 from nnunetv2_dale.method.coords import source_indices, training_loader_with_coordinates
-from nnunetv2_dale.method.loss import DALELoss, class_balanced, sharpen
+from nnunetv2_dale.method.loss import DALELoss, class_balanced, ensemble_consistency, sharpen
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, entropy_signal, fit_mixture, loss_signal,
                                         omega_per_voxel)
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler
@@ -60,6 +61,16 @@ def write_failures_explained(folder: str | os.PathLike, what: str, partial: str 
             "permissions / file-size limit), then continue with the same nnUNetv2_train command plus --c.") from None
 
 
+class RSetMaps(NamedTuple):
+    omega: torch.Tensor
+    reliable: torch.Tensor
+    fuzzy: torch.Tensor
+    soft: torch.Tensor
+    onehot: torch.Tensor
+    ensemble: torch.Tensor
+    known: torch.Tensor
+
+
 class nnUNetTrainerDALE(nnUNetTrainerBudget):
     """nnU-Net trainer for noisy labels (DALE).
 
@@ -80,6 +91,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_class_balanced_weights`` (False): rescale the stable-phase weights omega per class
       and batch to mean 1 over that class's labelled voxels, so confidence redistributes weight
       within a class instead of removing it from the class whose boundary is least certain.
+    - ``dale_confidence_floor`` (0): omega is rescaled to [floor, 1] in the stable-phase weights,
+      so no labelled voxel loses all its weight.
+    - ``dale_consistency_weight`` (0): weight of the ensemble-consistency term (every post-warm-up
+      epoch): mean over known voxels of log(1 - <p, q>), which pulls the prediction toward the
+      voxel's temporal ensemble and so resists memorising labels the ensemble contradicts
+      (early-learning regularisation, Liu et al. 2020).
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -116,6 +133,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_align_rampup_fraction = 0.2
         self.dale_fuzzy_sampling_share = 0.5
         self.dale_class_balanced_weights = False
+        self.dale_confidence_floor = 0.0
+        self.dale_consistency_weight = 0.0
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -259,8 +278,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
         targets = target if isinstance(target, list) else [target]
-        omega, reliable, fuzzy, soft, onehot = self.rset_maps(batch)
+        omega, reliable, fuzzy, soft, onehot, ensemble, known = self.rset_maps(batch)
         ds = len(targets) > 1
+        if self.dale_confidence_floor > 0:
+            omega = self.dale_confidence_floor + (1 - self.dale_confidence_floor) * omega
         omegas = self._to_scales(omega, targets)
         terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
         loss = 0
@@ -285,17 +306,24 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 align = self.alignment.loss(self.alignment.features, (fuzzy * soft).to(self.device))
                 loss = loss + lam * align
                 terms["align_loss"] = float(align.detach())
+        if self.dale_consistency_weight > 0:
+            logits = output[0] if isinstance(output, (list, tuple)) else output
+            consistency = ensemble_consistency(logits, ensemble.to(self.device), known.to(self.device))
+            loss = loss + self.dale_consistency_weight * consistency
+            terms["consistency_loss"] = float(consistency.detach())
         return loss, terms
 
     @torch.no_grad()
-    def rset_maps(self, batch: dict) -> tuple[torch.Tensor, ...]:
+    def rset_maps(self, batch: dict) -> RSetMaps:
         """Per patch voxel (full resolution, CPU): omega (B,1,*S), reliable and fuzzy membership
-        (B,1,*S), the collaborative target y~ (B,K,*S) and the one-hot label (B,K,*S)."""
+        (B,1,*S), the collaborative target y~ (B,K,*S), the one-hot label (B,K,*S), the temporal
+        ensemble q (B,K,*S; the one-hot label where not known) and where it is known (B,1,*S)."""
         labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         k = len(self.label_manager.all_labels)
         shape = labels_full.shape
         omega = torch.ones(shape)
         entropy = torch.zeros(shape)
+        known_full = torch.zeros(shape, dtype=torch.bool)
         q_full = torch.zeros((shape[0], k, *shape[2:]))
         for b, key, index, valid, labels in self._patch_voxels(batch):
             q, visits = self.memory.read(key, index)
@@ -308,6 +336,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             qk = torch.where(known[:, None], qk, onehot)
             omega[b] = om.reshape(shape[1:])
             entropy[b] = er.reshape(shape[1:])
+            known_full[b] = known.reshape(shape[1:])
             q_full[b] = qk.T.reshape(k, *shape[2:])
         if not self.dale_use_confidence:
             reliable, fuzzy, omega = 1 - entropy, entropy, torch.ones_like(omega)
@@ -319,7 +348,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
             counted = (labels_full != ignore).float()
             reliable, fuzzy = reliable * counted, fuzzy * counted
-        return omega, reliable, fuzzy, soft, onehot
+        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known_full)
 
     def label_confidence(self, key: str, index: torch.Tensor, valid: torch.Tensor, known: torch.Tensor,
                          labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -100,3 +100,22 @@ class nnUNetTrainerDALE_v01(nnUNetTrainerDALE):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.dale_mixture_tied = False
         self.dale_align_standardise = False
+
+
+class nnUNetTrainerDALE_consistency(nnUNetTrainerDALE_noConfidence):
+    """Tuning variant: no loss-level confidence weights; instead the ensemble-consistency term
+    (``dale_consistency_weight`` 3, ELR's CIFAR-10 value) in every post-warm-up epoch."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_consistency_weight = 3.0
+
+
+class nnUNetTrainerDALE_floor(nnUNetTrainerDALE):
+    """Tuning variant: stable-phase confidence weights floored at 0.5 (``dale_confidence_floor``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_confidence_floor = 0.5
