@@ -1,14 +1,13 @@
 """What the memory looks like: the progress.png panel and per-case buffer pictures.
 
 ``DALELocalLogger`` is nnU-Net's ``LocalLogger`` with two more per-epoch keys. Its
-``plot_progress_png`` lets nnU-Net draw its usual three panels and appends a fourth with the
-fraction of voxels visited and the mean label confidence per class, so ``progress.png`` stays the
-one place to watch a run.
+``plot_progress_png`` lets nnU-Net draw its usual three panels and adds a fourth, in the same
+figure, with the fraction of voxels visited, the mean label confidence per class, the R-set
+memberships, the phase and the alignment loss, so ``progress.png`` stays the one place to watch a
+run.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,35 @@ class DALELocalLogger(LocalLogger):
         self.ensure_keys()
 
     def plot_progress_png(self, output_folder: str) -> None:
+        """nnU-Net's three panels plus DALE's, drawn into ONE figure and saved once: nnU-Net's
+        ``plt.subplots(3, 1)`` is answered with a four-row figure whose last row is ours (drawing
+        a second figure and pasting the images cost 4x nnU-Net's plot per epoch)."""
+        from unittest import mock
+
         import matplotlib.pyplot as plt
 
-        with tempfile.TemporaryDirectory() as tmp:
-            super().plot_progress_png(tmp)
-            stock = plt.imread(os.path.join(tmp, "progress.png"))
-        fig, ax = plt.subplots(1, 1, figsize=(30, 18))
-        visited = self.my_fantastic_logging["dale_visited_fraction"]
-        confidence = self.my_fantastic_logging["dale_mean_confidence"]
+        subplots = plt.subplots
+
+        def four_rows(nrows: int = 1, ncols: int = 1, **kwargs):
+            if (nrows, ncols) != (3, 1):
+                return subplots(nrows, ncols, **kwargs)
+            width, height = kwargs.pop("figsize", (30, 54))
+            fig, axes = subplots(4, 1, figsize=(width, height * 4 / 3), **kwargs)
+            self._draw_dale_panel(axes[3])
+            return fig, axes[:3]
+
+        with mock.patch.object(plt, "subplots", four_rows):
+            super().plot_progress_png(output_folder)
+
+    def _draw_dale_panel(self, ax) -> None:
+        log = self.my_fantastic_logging
+        visited = log["dale_visited_fraction"]
+        confidence = log["dale_mean_confidence"]
         x = list(range(len(visited)))
         ax.plot(x, visited, color="k", ls="-", label="voxels visited (fraction)", linewidth=4)
         per_class = np.array([c for c in confidence], dtype=float).reshape(len(confidence), -1)
         for k in range(per_class.shape[1]):
             ax.plot(x, per_class[:, k], ls="--", linewidth=3, label=f"mean label confidence, class {k}")
-        log = self.my_fantastic_logging
         ax.plot(x, log["dale_reliable_fraction"][:len(x)], color="g", linewidth=3, label="reliable membership (mean)")
         ax.plot(x, log["dale_fuzzy_fraction"][:len(x)], color="r", linewidth=3, label="fuzzy membership (mean)")
         ax.step(x, [p / 3 for p in log["dale_phase"][:len(x)]], color="gray", where="mid",
@@ -57,15 +71,6 @@ class DALELocalLogger(LocalLogger):
         ax.set_xlabel("epoch")
         ax.set_ylim(0, 1.02)
         ax.legend(loc=(0, 1))
-        fig.tight_layout()
-        fig.canvas.draw()
-        panel = np.asarray(fig.canvas.buffer_rgba()).astype(np.float32) / 255.0
-        plt.close(fig)
-        width = min(stock.shape[1], panel.shape[1])
-        combined = np.concatenate([stock[:, :width, :4] if stock.shape[2] == 4 else
-                                   np.dstack([stock[:, :width], np.ones(stock.shape[:2])[:, :width]]),
-                                   panel[:, :width]], axis=0)
-        plt.imsave(os.path.join(output_folder, "progress.png"), np.clip(combined, 0, 1))
 
 
 def save_buffer_picture(path: Path, label: np.ndarray, q: np.ndarray, n: np.ndarray, title: str) -> None:
