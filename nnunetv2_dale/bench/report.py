@@ -230,6 +230,7 @@ def write_report(out: Path) -> Path:
         "noise). Noise AUROC: 1 − omega against the injected-noise mask on the fold's training voxels that DALE "
         "visited enough, in raw geometry.", "",
         table(results), "",
+        "Per run (test Dice; same seed = same noisy training labels):", "", per_seed_table(results), "",
         "## Cost", "", cost_section(results.get("cost")), "",
         "## Figures", "", *[f"![{f}]({f})" for f in figures], "",
         "## Versions", "", "```", json.dumps(results.get("versions", {}), indent=1), "```", "",
@@ -253,9 +254,29 @@ def _budgets(results: dict) -> str:
             f"feature widths x {b['feature_scale']}")
 
 
+def per_seed_table(results: dict) -> str:
+    """Test Dice of every run, one column per seed, so that differences can be read paired."""
+    groups = _groups(results.get("runs", {}))
+    seeds = sorted({r["seed"] for r in results.get("runs", {}).values()})
+    lines = ["| dataset | noise | trainer | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|" + "---|" * (3 + len(seeds))]
+    for dataset, by_noise in groups.items():
+        for noise, by_trainer in by_noise.items():
+            for trainer, by_seed in by_trainer.items():
+                cells = [f"{by_seed[s]['metrics']['dice']:.4f}" if s in by_seed else "-" for s in seeds]
+                lines.append(f"| {dataset} | {noise} | {trainer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _command(s: dict) -> str:
     if s.get("preset"):
-        return f"--preset {s['preset']}" + (" --cost" if s.get("cost") else "") + " -o OUT"
+        from nnunetv2_dale.bench.cli import PRESETS
+
+        preset = PRESETS.get(s["preset"], {})
+        flags = {"trainers": "-tr", "noise": "--noise", "seeds": "--seeds", "epochs": "--epochs", "iters": "--iters"}
+        extra = [f"{flag} " + (" ".join(map(str, s[key])) if isinstance(s[key], list) else str(s[key]))
+                 for key, flag in flags.items() if key in s and s[key] != preset.get(key)]
+        return " ".join([f"--preset {s['preset']}", *extra] + (["--cost"] if s.get("cost") else []) + ["-o OUT"])
     parts = [f"-s {s['source']}", "--noise " + " ".join(s["noise"]), "-tr " + " ".join(s["trainers"]),
              f"--epochs {s['epochs']} --iters {s['iters']} --batch-size {s['batch_size']} "
              f"--feature-scale {s['feature_scale']}", "--seeds " + " ".join(map(str, s["seeds"])), "-o OUT"]
