@@ -2,4 +2,5 @@
 from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_consistency,  # noqa: F401
                                            nnUNetTrainerDALE_floor, nnUNetTrainerDALE_noAlign,
                                            nnUNetTrainerDALE_noAlternation, nnUNetTrainerDALE_noConfidence,
-                                           nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_v01)
+                                           nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_slowEMA,
+                                           nnUNetTrainerDALE_v01)

@@ -119,3 +119,13 @@ class nnUNetTrainerDALE_floor(nnUNetTrainerDALE):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.dale_confidence_floor = 0.5
+
+
+class nnUNetTrainerDALE_slowEMA(nnUNetTrainerDALE):
+    """Tuning variant: a longer temporal ensemble (new visits weighted at least 0.05 instead of
+    0.2, i.e. q follows ~20 visits, not ~5), so that q lags behind the memorisation of noisy labels."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_ema_min_weight = 0.05
