@@ -97,6 +97,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       epoch): mean over known voxels of log(1 - <p, q>), which pulls the prediction toward the
       voxel's temporal ensemble and so resists memorising labels the ensemble contradicts
       (early-learning regularisation, Liu et al. 2020).
+    - ``dale_memory_horizon`` (1.0): share of the epochs during which the memory is updated;
+      afterwards q, and the mixtures fitted to it, are frozen (an early-learning ensemble that
+      cannot follow the network into memorising the noise).
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -135,6 +138,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_class_balanced_weights = False
         self.dale_confidence_floor = 0.0
         self.dale_consistency_weight = 0.0
+        self.dale_memory_horizon = 1.0
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -375,10 +379,16 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         return [full if t.shape[2:] == full.shape[2:] else
                 torch.nn.functional.interpolate(full, t.shape[2:], mode="nearest-exact") for t in targets]
 
+    def memory_frozen(self, epoch: int | None = None) -> bool:
+        """True from the epoch ``dale_memory_horizon`` of the training on: the buffers (and the
+        mixtures fitted to them) then stay as they were, an early-learning ensemble."""
+        epoch = self.current_epoch if epoch is None else epoch
+        return epoch >= max(1, round(self.dale_memory_horizon * self.num_epochs))
+
     @torch.no_grad()
     def update_memory(self, batch: dict, output) -> None:
         """Scatter the batch's full-resolution softmax into the buffers of its cases."""
-        if self.memory is None or "regression_target" not in batch:
+        if self.memory is None or "regression_target" not in batch or self.memory_frozen():
             return
         logits = output[0] if isinstance(output, (list, tuple)) else output
         probs = torch.softmax(logits.detach().float(), 1).cpu()
@@ -407,7 +417,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if self.memory is None:
             return
         visited, confidence, skipped, hist = self.memory.finish_epoch(self.is_ddp)
-        self.mixtures = [fit_mixture(h, tied=self.dale_mixture_tied) for h in hist]
+        if not self.memory_frozen():
+            self.mixtures = [fit_mixture(h, tied=self.dale_mixture_tied) for h in hist]
         terms = {k: float(np.mean(v)) for k, v in self._epoch_terms.items()}
         self._epoch_terms = {}
         phase = self.phase()

@@ -129,3 +129,13 @@ class nnUNetTrainerDALE_slowEMA(nnUNetTrainerDALE):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.dale_ema_min_weight = 0.05
+
+
+class nnUNetTrainerDALE_horizon(nnUNetTrainerDALE):
+    """Tuning variant: the memory is updated during the first 30 % of the epochs only
+    (``dale_memory_horizon``), then frozen as an early-learning ensemble."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.dale_memory_horizon = 0.3
