@@ -183,3 +183,27 @@ def test_ensemble_consistency_pulls_toward_the_ensemble_only_where_known():
     g = logits.grad[0]
     assert (g[0, 0] < 0).all() and (g[1, 0] > 0).all()  # descent raises the logit of the ensemble's class
     assert (g[:, 1] == 0).all()  # unknown voxels get no gradient
+
+
+def test_memory_horizon_freezes_buffers_and_mixtures(tiny2d):
+    """nnUNetTrainerDALE_horizon (memory updated during the first 30 % of the epochs): after epoch
+    round(0.3 * 4) = 1 the visited share and the fitted mixtures stop changing, and the final
+    buffers hold no more visits than epoch 0's patches."""
+    import re
+
+    tree, did, _ = tiny2d
+    env = tree.env(nnUNet_DALE_epochs="4", nnUNet_DALE_iters="3", nnUNet_DALE_val_iters="1",
+                   nnUNet_DALE_save_every="1")
+    run([tool("nnUNetv2_train"), str(did), "2d", "0", "-tr", "nnUNetTrainerDALE_horizon", "-device", "cpu"], env,
+        timeout=900)
+    fold = next(tree.results.glob("*/nnUNetTrainerDALE_horizon__nnUNetPlans__2d/fold_0"))
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    visited = re.findall(r"DALE memory: ([0-9.]+)% of voxels visited", log)
+    mixtures = re.findall(r"Mixtures for the next epoch: (.*)", log)
+    assert len(visited) == 4 and float(visited[0]) > 0 and len(set(visited)) == 1  # only epoch 0 updated
+    assert len(mixtures) == 4 and len(set(mixtures)) == 1  # fitted once, after epoch 0, then kept
+    # every visit after epoch 0 would add to the counts: they hold at most epoch 0's patch voxels
+    plan = json.loads((fold.parent / "plans.json").read_text())["configurations"]["2d"]
+    visits = sum(int(np.fromfile(n, dtype=np.uint8).astype(np.int64).sum())
+                 for n in (fold / "dale_memory" / "snapshot_epoch_0004").glob("*.n.u8"))
+    assert 0 < visits <= 3 * plan["batch_size"] * int(np.prod(plan["patch_size"]))
