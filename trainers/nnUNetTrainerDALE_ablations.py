@@ -1,6 +1,7 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``: ablation and tuning variants of nnUNetTrainerDALE."""
 from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_consistency,  # noqa: F401
                                            nnUNetTrainerDALE_floor, nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_noAlign,
+                                           nnUNetTrainerDALE_noHorizon,
                                            nnUNetTrainerDALE_noAlternation, nnUNetTrainerDALE_noConfidence,
                                            nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_slowEMA,
                                            nnUNetTrainerDALE_v01)

@@ -97,9 +97,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       epoch): mean over known voxels of log(1 - <p, q>), which pulls the prediction toward the
       voxel's temporal ensemble and so resists memorising labels the ensemble contradicts
       (early-learning regularisation, Liu et al. 2020).
-    - ``dale_memory_horizon`` (1.0): share of the epochs during which the memory is updated;
-      afterwards q, and the mixtures fitted to it, are frozen (an early-learning ensemble that
-      cannot follow the network into memorising the noise).
+    - ``dale_memory_horizon`` (0.3): share of the epochs during which the memory is updated;
+      afterwards q, and the mixtures fitted to it, are frozen: an early-learning ensemble that
+      cannot follow the network into memorising the noise (1.0, never frozen, was the default
+      before; ``nnUNetTrainerDALE_noHorizon``). docs/method.md section 7 has the numbers.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -138,7 +139,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_class_balanced_weights = False
         self.dale_confidence_floor = 0.0
         self.dale_consistency_weight = 0.0
-        self.dale_memory_horizon = 1.0
+        self.dale_memory_horizon = 0.3
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
