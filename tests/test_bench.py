@@ -128,7 +128,8 @@ def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
     assert 0.0 <= dale["noise_detection"]["auroc"] <= 1.0 and dale["noise_detection"]["known_fraction"] > 0.5
     assert next(r for r in runs.values() if r["trainer"] == "nnUNetTrainer")["trainer_class"] == "nnUNetTrainerBudget"
     report = (out / "report.md").read_text()
-    assert report.count("| Phantom2D |") == 4 and "Δ Dice" in report
+    assert report.count("| Phantom2D |") == 8 and "Δ Dice" in report  # 4 runs: the summary and the per-seed table
+    assert "| dataset | noise | trainer | seed 0 |" in report
     for fig in ("dice_vs_noise_Phantom2D.png", "examples_test_Phantom2D.png", "examples_train_Phantom2D.png"):
         assert (out / fig).stat().st_size > 1000
     # rerunning the same command neither retrains nor re-predicts finished runs
