@@ -12,7 +12,9 @@ import torch
 from conftest import inprocess_trainer, run, tool, train_until_killed
 
 pytestmark = pytest.mark.slow
-TRAINER = "nnUNetTrainerDALE_3epochs"
+# the memory must change in every epoch for the crash state to differ from the checkpoint's: the
+# default horizon would freeze it after epoch 0 of 3, so this test runs the never-frozen variant
+TRAINER = "nnUNetTrainerDALE_noHorizon"
 STOCK_CHECKPOINT_KEYS = {"network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema",
                          "current_epoch", "init_args", "trainer_name", "inference_allowed_mirroring_axes"}
 
@@ -24,7 +26,8 @@ def digest(folder: Path) -> dict[str, str]:
 
 def test_kill_resume_restores_checkpoint_buffers(tiny2d, monkeypatch):
     tree, did, _ = tiny2d
-    budget = {"nnUNet_DALE_iters": "10", "nnUNet_DALE_val_iters": "1", "nnUNet_DALE_save_every": "1"}
+    budget = {"nnUNet_DALE_epochs": "3", "nnUNet_DALE_iters": "10", "nnUNet_DALE_val_iters": "1",
+              "nnUNet_DALE_save_every": "1"}
     env = tree.env(**budget)
     train = [tool("nnUNetv2_train"), str(did), "2d", "0", "-tr", TRAINER, "-device", "cpu"]
 

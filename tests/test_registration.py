@@ -102,7 +102,7 @@ def test_pip_install_in_fresh_environment(tmp_path, editable):
     if editable:
         assert found["EXT"] == str(REPO / "trainers")
         assert found["folder:nnUNetTrainerDALE"] == str(REPO / "trainers")
-        assert found["nnUNetTrainerDALE"] == str(REPO / "nnunetv2_dale" / "trainer.py")
+        assert found["nnUNetTrainerDALE"] == str(REPO / "nnunetv2_dale" / "method" / "trainer.py")
     else:
         assert found["EXT"].startswith(venv_root) and found["EXT"].endswith("nnunetv2_dale_trainers")
         assert found["folder:nnUNetTrainerDALE"] == found["EXT"]
