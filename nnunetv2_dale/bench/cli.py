@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnunetv2_dale.data.io import reader_writer
+from nnunetv2_dale.data.io import case_ids, reader_writer
 from nnunetv2_dale.data.noise import NoiseSpec, changed_fraction
 from nnunetv2_dale.utilities.preflight import tool
 
@@ -85,10 +85,6 @@ def noise_tag(text: str) -> str:
 
 
 # --------------------------------------------------------------- dataset copy
-def _cases(folder: Path, ending: str) -> list[str]:
-    return sorted(p.name[: -len(ending)] for p in folder.glob(f"*{ending}")) if folder.is_dir() else []
-
-
 def noisy_copy(source: Path, target: Path, spec: NoiseSpec, seed: int, test_fraction: float) -> dict:
     """Raw dataset ``target``: ``source`` with noisy labelsTr, their clean originals
     (labelsTr_clean), the changed-voxel masks (noiseTr) and clean labelsTs."""
@@ -96,8 +92,8 @@ def noisy_copy(source: Path, target: Path, spec: NoiseSpec, seed: int, test_frac
     if "regions_class_order" in ds:
         raise SystemExit("nnunetv2-dale: region-based datasets are not supported by the benchmark (DALE refuses them).")
     ending = ds["file_ending"]
-    train = _cases(source / "labelsTr", ending)
-    test = [c for c in _cases(source / "labelsTs", ending) if any((source / "imagesTs").glob(f"{c}_*{ending}"))]
+    train = case_ids(source / "labelsTr", ending)
+    test = [c for c in case_ids(source / "labelsTs", ending) if any((source / "imagesTs").glob(f"{c}_*{ending}"))]
     if not train:
         raise SystemExit(f"nnunetv2-dale: {source}/labelsTr has no *{ending} labels.")
     if not test:  # hold out a fixed share of the training cases
@@ -197,7 +193,7 @@ def score(raw: Path, pred: Path, dataset_json: dict, band_voxels: float) -> dict
     from nnunetv2_dale.data.io import physical_spacing
 
     ending = dataset_json["file_ending"]
-    cases = _cases(raw / "labelsTs", ending)
+    cases = case_ids(raw / "labelsTs", ending)
     rw = reader_writer(dataset_json, raw / "labelsTs" / f"{cases[0]}{ending}")
     labels = sorted(v for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
     per_case = {}

@@ -63,11 +63,7 @@ class nnUNetTrainerOracleIgnore(_NoiseOracle):
     """nnU-Net's loss from epoch 0 with the changed voxels ignored (weight 0)."""
 
     use_alignment = False
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_fuzzy_sampling_share = 0.0
+    dale_overrides = {"dale_fuzzy_sampling_share": 0.0}
 
     def phase(self, epoch: int | None = None) -> str:
         return STABLE

@@ -15,25 +15,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from skimage import io
+from skimage.transform import resize
+
+from nnunetv2_dale.data.io import case_ids
 
 SUBSET_SEED = 601
 
 
-def _cases(folder: Path, ending: str) -> list[str]:
-    return sorted(p.name[: -len(ending)] for p in folder.glob(f"*{ending}")) if folder.is_dir() else []
-
-
 def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
     out = resize(image.astype(np.float32), (size, size) + image.shape[2:], order=1, anti_aliasing=True,
                  preserve_range=True)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
 def _resize_label(label: np.ndarray, size: int) -> np.ndarray:
-    from skimage.transform import resize
-
     classes = np.unique(label)
     scores = np.stack([resize((label == c).astype(np.float32), (size, size), order=1, anti_aliasing=False)
                        for c in classes])
@@ -49,11 +45,11 @@ def derive_subset(source: Path, target: Path, num_train: int | None, size: int |
     if size is not None and ending != ".png":
         raise SystemExit(f"nnunetv2-dale: --resize works on 2D PNG datasets only ({source} has {ending} files); "
                          "benchmark it at its own size, or with --subset alone.")
-    train = _cases(source / "labelsTr", ending)
+    train = case_ids(source / "labelsTr", ending)
     if num_train is not None and num_train < len(train):
         pick = np.random.default_rng(SUBSET_SEED).permutation(len(train))[:num_train]
         train = sorted(train[i] for i in pick)
-    test = _cases(source / "labelsTs", ending)
+    test = case_ids(source / "labelsTs", ending)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for split, cases in (("Tr", train), ("Ts", test)):
@@ -67,8 +63,6 @@ def derive_subset(source: Path, target: Path, num_train: int | None, size: int |
                 if size is None:
                     os.symlink(src.resolve(), dst)
                     continue
-                from skimage import io
-
                 array = io.imread(src)
                 io.imsave(dst, _resize_label(array, size) if is_label else _resize_image(array, size),
                           check_contrast=False)

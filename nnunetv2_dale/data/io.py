@@ -1,9 +1,15 @@
-"""Reading raw nnU-Net datasets: the reader/writer nnU-Net picks, real voxel spacings, 2D views."""
+"""Reading raw nnU-Net datasets: case identifiers, the reader/writer nnU-Net picks, real voxel
+spacings, 2D views."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+
+def case_ids(folder: Path, ending: str) -> list[str]:
+    """Sorted case identifiers of the ``*ending`` files in ``folder`` (none if it does not exist)."""
+    return sorted(p.name[: -len(ending)] for p in folder.glob(f"*{ending}")) if folder.is_dir() else []
 
 
 def reader_writer(dataset_json: dict, example: str | Path):

@@ -116,6 +116,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     use_confidence: bool = True  # class-level switches of the ablation variants, copied in __init__
     use_alternation: bool = True
     use_alignment: bool = True
+    dale_overrides: dict[str, object] = {}  # a variant's hyperparameters, set over the defaults in __init__
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -143,6 +144,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
+        for name, value in self.dale_overrides.items():
+            if not hasattr(self, name):
+                raise AttributeError(f"{self.__class__.__name__}.dale_overrides: no hyperparameter {name!r}")
+            setattr(self, name, value)
         self.mixtures: list[Mixture] = [Mixture() for _ in self.label_manager.all_labels]
         self.alignment = FeatureAlignment(len(self.label_manager.all_labels))
         self._epoch_terms: dict[str, list[float]] = {}

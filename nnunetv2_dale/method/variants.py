@@ -1,7 +1,5 @@
 """Variants of ``nnUNetTrainerDALE``: lengths (named like nnU-Net's ``nnUNetTrainer_Xepochs``) and
 ablations (one DALE component switched off)."""
-import torch
-
 from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
 from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 
@@ -62,20 +60,12 @@ class nnUNetTrainerDALE_noConfidence(nnUNetTrainerDALE):
 
 class nnUNetTrainerDALE_noFuzzySampling(nnUNetTrainerDALE):
     """Ablation: fuzzy phases sample patches like nnU-Net (no bias toward fuzzy voxels)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_fuzzy_sampling_share = 0.0
+    dale_overrides = {"dale_fuzzy_sampling_share": 0.0}
 
 
 class nnUNetTrainerDALE_balanced(nnUNetTrainerDALE):
     """Tuning variant: class-balanced stable-phase weights (``dale_class_balanced_weights``)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_class_balanced_weights = True
+    dale_overrides = {"dale_class_balanced_weights": True}
 
 
 class nnUNetTrainerDALE_noAlternation(nnUNetTrainerDALE):
@@ -94,60 +84,34 @@ class nnUNetTrainerBudget_40epochs(nnUNetTrainerBudget):
 class nnUNetTrainerDALE_v01(nnUNetTrainerDALE):
     """The defaults of nnunetv2-dale 0.1.0 (untied mixture, alignment in raw feature units), kept
     to reproduce ``benchmarks/results/noisy_ddti_alpha0.7_beta0.5_seed0.json``."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_mixture_tied = False
-        self.dale_align_standardise = False
-        self.dale_memory_horizon = 1.0
+    dale_overrides = {"dale_mixture_tied": False, "dale_align_standardise": False, "dale_memory_horizon": 1.0}
 
 
 class nnUNetTrainerDALE_consistency(nnUNetTrainerDALE_noConfidence):
     """Tuning variant: no loss-level confidence weights; instead the ensemble-consistency term
     (``dale_consistency_weight`` 3, ELR's CIFAR-10 value) in every post-warm-up epoch."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_consistency_weight = 3.0
+    dale_overrides = {"dale_consistency_weight": 3.0}
 
 
 class nnUNetTrainerDALE_floor(nnUNetTrainerDALE):
     """Tuning variant: stable-phase confidence weights floored at 0.5 (``dale_confidence_floor``)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_confidence_floor = 0.5
+    dale_overrides = {"dale_confidence_floor": 0.5}
 
 
 class nnUNetTrainerDALE_slowEMA(nnUNetTrainerDALE):
     """Tuning variant: a longer temporal ensemble (new visits weighted at least 0.05 instead of
     0.2, i.e. q follows ~20 visits, not ~5), so that q lags behind the memorisation of noisy labels."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_ema_min_weight = 0.05
+    dale_overrides = {"dale_ema_min_weight": 0.05}
 
 
 class nnUNetTrainerDALE_horizon(nnUNetTrainerDALE):
     """The memory is updated during the first 30 % of the epochs only (``dale_memory_horizon``),
     then frozen as an early-learning ensemble: the tuning variant that made this the default;
     kept so that the benchmark records that name it stay reproducible."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_memory_horizon = 0.3
+    dale_overrides = {"dale_memory_horizon": 0.3}
 
 
 class nnUNetTrainerDALE_noHorizon(nnUNetTrainerDALE):
     """The defaults before the memory horizon: the memory is updated in every epoch, so it
     follows the network when it memorises noisy labels (noise AUROC 0.60 vs 0.79 on ddti-fast)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.dale_memory_horizon = 1.0
+    dale_overrides = {"dale_memory_horizon": 1.0}
