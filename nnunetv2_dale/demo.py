@@ -1,9 +1,11 @@
 """``nnUNetv2_dale_demo``: the whole workflow on generated phantoms, through nnU-Net's own CLI.
 
 Steps: generate a 2D phantom dataset with noisy training labels and clean test labels,
-``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train ... -tr nnUNetTrainerDALE_<N>epochs -device cpu``,
-``nnUNetv2_predict`` on the test images, ``nnUNetv2_evaluate_simple`` against the clean test
-labels; then print the Dice and where everything is. Everything lives under ``--workdir``, which
+``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train ... -device cpu`` twice on the same noisy labels and
+split (stock nnU-Net as ``nnUNetTrainerBudget``, then ``nnUNetTrainerDALE``, both at the same budget
+via ``nnUNet_DALE_epochs`` / ``nnUNet_DALE_iters``), ``nnUNetv2_predict`` on the test images,
+``nnUNetv2_evaluate_simple`` against the clean test labels; then print both Dice figures side by side
+and where everything is. ``--no-baseline`` trains DALE only. Everything lives under ``--workdir``, which
 gets its own nnUNet_raw / nnUNet_preprocessed / nnUNet_results, so a user's own trees are never
 touched. Full tool output goes to ``<workdir>/logs``; the console shows progress lines.
 """
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from nnunetv2_dale.utilities.preflight import SetupError, check_torch, check_writable, tool
 
+EPOCHS, ITERS = 20, 25
+BASELINE, DALE = "nnUNetTrainerBudget", "nnUNetTrainerDALE"
 PROGRESS_MARKERS = ("Epoch ", "train_loss", "Pseudo dice", "Epoch time", "Mean Validation Dice", "Preprocessing",
                     "Configuration:", "Predicting", "Training done", "Error", "error", "Traceback")
 
@@ -47,12 +51,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-train", type=int, default=60)
     p.add_argument("--num-test", type=int, default=20)
     p.add_argument("--size", type=int, default=64, help="phantom edge length in pixels")
-    p.add_argument("--epochs", type=int, default=20, choices=(1, 2, 3, 5, 10, 20, 50, 100, 250, 500),
-                   help="selects the length variant nnUNetTrainerDALE_<N>epochs")
-    p.add_argument("--iters", type=int, default=25, help="training iterations per epoch (nnUNet_DALE_iters)")
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs of each trainer (nnUNet_DALE_epochs)")
+    p.add_argument("--iters", type=int, default=ITERS, help="training iterations per epoch (nnUNet_DALE_iters)")
+    p.add_argument("--no-baseline", action="store_true", help="train DALE only, not stock nnU-Net beside it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="delete --workdir first")
     args = p.parse_args(argv)
+    if args.epochs < 1 or args.iters < 1:
+        p.error("--epochs and --iters must be positive integers")
 
     started = time.time()
     print("nnunetv2-dale demo:", check_torch(), flush=True)
@@ -79,9 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
     did = args.dataset_id
-    trainer = f"nnUNetTrainerDALE_{args.epochs}epoch{'s' if args.epochs > 1 else ''}"
+    env["nnUNet_DALE_epochs"] = str(args.epochs)
+    trainers = [DALE] if args.no_baseline else [BASELINE, DALE]
+    steps = 2 + 2 * len(trainers)
     raw = paths["nnUNet_raw"] / f"Dataset{did:03d}_DemoPhantom2D"
-    print(f"[1/5] Generating {args.num_train} noisy training + {args.num_test} clean test phantoms in {raw}",
+    print(f"[1/{steps}] Generating {args.num_train} noisy training + {args.num_test} clean test phantoms in {raw}",
           flush=True)
     if raw.exists():
         shutil.rmtree(raw)
@@ -90,33 +98,42 @@ def main(argv: list[str] | None = None) -> None:
     print(f"      {len(meta['corrupted_cases'])} of {args.num_train} training labels corrupted "
           f"(alpha/beta noise, alpha=0.7, beta=0.5)", flush=True)
 
-    print("[2/5] nnU-Net planning and preprocessing (2d)", flush=True)
+    print(f"[2/{steps}] nnU-Net planning and preprocessing (2d)", flush=True)
     run_step([tool("nnUNetv2_plan_and_preprocess"), "-d", str(did), "-c", "2d", "-np", "2",
               "--verify_dataset_integrity"], env, logs / "plan_and_preprocess.log")
 
-    print(f"[3/5] Training {trainer}: {args.epochs} epochs x {args.iters} iterations on the CPU", flush=True)
-    run_step([tool("nnUNetv2_train"), str(did), "2d", "0", "-tr", trainer, "-device", "cpu"], env,
-             logs / "train.log")
+    step = 3
+    for trainer in trainers:
+        print(f"[{step}/{steps}] Training {trainer} on the noisy labels: {args.epochs} epochs x {args.iters} "
+              "iterations on the CPU", flush=True)
+        run_step([tool("nnUNetv2_train"), str(did), "2d", "0", "-tr", trainer, "-device", "cpu"], env,
+                 logs / f"train_{trainer}.log")
+        step += 1
 
-    pred = work / "predictions_test"
-    print(f"[4/5] Predicting the {args.num_test} test cases", flush=True)
-    run_step([tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did), "-c", "2d",
-              "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env, logs / "predict.log")
+    scores: dict[str, float] = {}
+    for trainer in trainers:
+        pred = work / f"predictions_test_{trainer}"
+        print(f"[{step}/{steps}] Predicting the {args.num_test} test cases with {trainer}, scoring them against "
+              "the clean labels", flush=True)
+        run_step([tool("nnUNetv2_predict"), "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(did), "-c",
+                  "2d", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env,
+                 logs / f"predict_{trainer}.log")
+        run_step([tool("nnUNetv2_evaluate_simple"), str(raw / "labelsTs"), str(pred), "-l", "1", "-o",
+                  str(pred / "summary.json"), "-np", "2"], env, logs / f"evaluate_{trainer}.log", quiet=True)
+        scores[trainer] = json.loads((pred / "summary.json").read_text())["foreground_mean"]["Dice"]
+        step += 1
 
-    print("[5/5] Evaluating against the CLEAN test labels", flush=True)
-    summary = pred / "summary.json"
-    run_step([tool("nnUNetv2_evaluate_simple"), str(raw / "labelsTs"), str(pred), "-l", "1", "-o", str(summary),
-              "-np", "2"], env, logs / "evaluate.log", quiet=True)
-    result = json.loads(summary.read_text())
-    dice = result["foreground_mean"]["Dice"]
-    model = paths["nnUNet_results"] / raw.name / f"{trainer}__nnUNetPlans__2d"
-    print(f"\nTest Dice (clean labels, {args.num_test} cases): {dice:.4f}")
-    print(f"Trained model:   {model}")
-    print(f"Predictions:     {pred}")
-    print(f"Metrics:         {summary}")
+    print(f"\nTest Dice against the CLEAN test labels ({args.num_test} cases), both trained on the same noisy "
+          f"labels, fold 0, {args.epochs} x {args.iters}:")
+    for trainer, dice in scores.items():
+        name = "DALE" if trainer == DALE else "nnU-Net"
+        delta = f"  ({100 * (dice - scores[BASELINE]):+.1f} points)" if trainer == DALE and BASELINE in scores else ""
+        print(f"  {name:8s} {trainer:22s} {dice:.4f}{delta}")
+    print("(one seed of one small dataset: the benchmark, nnUNetv2_dale_bench, measures over seeds)")
+    print(f"Trained models:  {paths['nnUNet_results'] / raw.name}")
+    print(f"Predictions:     {work}/predictions_test_<trainer> (summary.json holds the metrics)")
     print(f"Logs:            {logs}")
     print(f"Done in {time.time() - started:.0f} s.")
-
 
 if __name__ == "__main__":
     main()

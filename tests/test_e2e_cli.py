@@ -86,11 +86,17 @@ def test_3d_fullres_train_and_predict_geometry(dataset, request, tmp_path):
 
 
 def test_demo_command_small(tmp_path):
+    """The demo trains stock nnU-Net and DALE on the same noisy phantoms and prints both clean-label
+    Dice figures, each the one nnUNetv2_evaluate_simple wrote for that trainer's predictions."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
     out = run([tool("nnUNetv2_dale_demo"), "--workdir", str(tmp_path / "demo"), "--num-train", "8", "--num-test",
                "2", "--size", "32", "--epochs", "1", "--iters", "2"], env).stdout
-    assert "[5/5]" in out
-    dice = float(out.split("Test Dice (clean labels, 2 cases): ")[1].split()[0])
-    summary = json.loads((tmp_path / "demo" / "predictions_test" / "summary.json").read_text())
-    assert dice == pytest.approx(summary["foreground_mean"]["Dice"], abs=1e-4)
-    assert len(summary["metric_per_case"]) == 2
+    assert "[6/6]" in out
+    table = out.split("Test Dice against the CLEAN test labels (2 cases)")[1]
+    for name, trainer in (("nnU-Net", "nnUNetTrainerBudget"), ("DALE", "nnUNetTrainerDALE")):
+        dice = float(table.split(f"{name} ")[1].split(trainer)[1].split()[0])
+        summary = json.loads((tmp_path / "demo" / f"predictions_test_{trainer}" / "summary.json").read_text())
+        assert dice == pytest.approx(summary["foreground_mean"]["Dice"], abs=1e-4)
+        assert len(summary["metric_per_case"]) == 2
+        assert (tmp_path / "demo" / "nnUNet_results" / "Dataset990_DemoPhantom2D" / f"{trainer}__nnUNetPlans__2d"
+                / "fold_0" / "checkpoint_final.pth").is_file()

@@ -3,5 +3,6 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTra
                                            nnUNetTrainerDALE_floor, nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_noAlign,
                                            nnUNetTrainerDALE_noHorizon,
                                            nnUNetTrainerDALE_noAlternation, nnUNetTrainerDALE_noConfidence,
+                                           nnUNetTrainerDALE_noCorrection,
                                            nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_slowEMA,
                                            nnUNetTrainerDALE_v01)

@@ -93,6 +93,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       within a class instead of removing it from the class whose boundary is least certain.
     - ``dale_confidence_floor`` (0): omega is rescaled to [floor, 1] in the stable-phase weights,
       so no labelled voxel loses all its weight.
+    - ``dale_fuzzy_correction`` (True): the fuzzy phase trains fuzzy voxels toward the collaborative
+      target y~ (a correction toward the temporal ensemble) and aligns their features toward y~'s
+      class; False trains them with weight omega against their label, as the stable phase does,
+      and aligns them toward their label's class (so low confidence only removes weight).
     - ``dale_consistency_weight`` (0): weight of the ensemble-consistency term (every post-warm-up
       epoch): mean over known voxels of log(1 - <p, q>), which pulls the prediction toward the
       voxel's temporal ensemble and so resists memorising labels the ensemble contradicts
@@ -140,6 +144,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_class_balanced_weights = False
         self.dale_confidence_floor = 0.0
         self.dale_consistency_weight = 0.0
+        self.dale_fuzzy_correction = True
         self.dale_memory_horizon = 0.3
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
@@ -306,8 +311,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             if self.dale_use_alignment and self.alignment.features is not None:
                 self.alignment.update_reliable(self.alignment.features, reliable * onehot, self.is_ddp)
         if phase in (FUZZY, JOINT):
-            softs = [s.to(self.device) for s in self._to_scales(soft, targets)]
-            collaborative = self.loss(output, target, soft=softs if ds else softs[0])
+            if self.dale_fuzzy_correction:
+                softs = [s.to(self.device) for s in self._to_scales(soft, targets)]
+                collaborative = self.loss(output, target, soft=softs if ds else softs[0])
+            else:
+                soft = onehot
+                w = [o.to(self.device) for o in omegas]
+                collaborative = self.loss(output, target, weights=w if ds else w[0])
             loss = loss + collaborative
             terms["fuzzy_loss"] = float(collaborative.detach())
             lam = alignment_weight(self.current_epoch, self.num_epochs, self.dale_warmup_fraction,

@@ -98,6 +98,12 @@ class nnUNetTrainerDALE_floor(nnUNetTrainerDALE):
     dale_overrides = {"dale_confidence_floor": 0.5}
 
 
+class nnUNetTrainerDALE_noCorrection(nnUNetTrainerDALE):
+    """Tuning variant: fuzzy voxels are never trained toward the temporal ensemble
+    (``dale_fuzzy_correction`` False): low confidence only removes weight, in both phases."""
+    dale_overrides = {"dale_fuzzy_correction": False}
+
+
 class nnUNetTrainerDALE_slowEMA(nnUNetTrainerDALE):
     """Tuning variant: a longer temporal ensemble (new visits weighted at least 0.05 instead of
     0.2, i.e. q follows ~20 visits, not ~5), so that q lags behind the memorisation of noisy labels."""
