@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_demo_command_small(tmp_path):
     assert "[6/6]" in out
     table = out.split("Test Dice against the CLEAN test labels (2 cases)")[1]
     for name, trainer in (("nnU-Net", "nnUNetTrainerBudget"), ("DALE", "nnUNetTrainerDALE")):
-        dice = float(table.split(f"{name} ")[1].split(trainer)[1].split()[0])
+        dice = float(re.search(rf"^  {re.escape(name)} +{trainer} +([0-9.]+)", table, re.M).group(1))
         summary = json.loads((tmp_path / "demo" / f"predictions_test_{trainer}" / "summary.json").read_text())
         assert dice == pytest.approx(summary["foreground_mean"]["Dice"], abs=1e-4)
         assert len(summary["metric_per_case"]) == 2

@@ -104,6 +104,13 @@ class nnUNetTrainerDALE_noCorrection(nnUNetTrainerDALE):
     dale_overrides = {"dale_fuzzy_correction": False}
 
 
+class nnUNetTrainerDALE_correctOnly(nnUNetTrainerDALE):
+    """Tuning variant: the stable phase trains every voxel at full weight (confidence floor 1); low
+    confidence acts only through the fuzzy phase's correction toward the temporal ensemble (and the
+    alignment)."""
+    dale_overrides = {"dale_confidence_floor": 1.0}
+
+
 class nnUNetTrainerDALE_slowEMA(nnUNetTrainerDALE):
     """Tuning variant: a longer temporal ensemble (new visits weighted at least 0.05 instead of
     0.2, i.e. q follows ~20 visits, not ~5), so that q lags behind the memorisation of noisy labels."""
