@@ -16,8 +16,8 @@ from PIL import Image
 
 from conftest import run, tool
 from nnunetv2_dale.method.alignment import FeatureAlignment, w2_diagonal
-from nnunetv2_dale.method.loss import DALELoss
-from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, fit_mixture, histogram, loss_signal
+from nnunetv2_dale.method.loss import DALELoss, collaborative_target, sharpen
+from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, entropy_signal, fit_mixture, histogram, loss_signal
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
 
 
@@ -207,3 +207,19 @@ def test_memory_horizon_freezes_buffers_and_mixtures(tiny2d):
     visits = sum(int(np.fromfile(n, dtype=np.uint8).astype(np.int64).sum())
                  for n in (fold / "dale_memory" / "snapshot_epoch_0004").glob("*.n.u8"))
     assert 0 < visits <= 3 * plan["batch_size"] * int(np.prod(plan["patch_size"]))
+
+
+def test_collaborative_target_certain_correction_moves_only_as_far_as_the_ensemble_is_decided():
+    q = torch.tensor([[0.1, 0.9], [0.1, 0.9], [0.5, 0.5], [0.3, 0.7]])[:, :, None]  # (N, K, 1)
+    onehot = torch.tensor([[1.0, 0.0]] * 4)[:, :, None]
+    omega = torch.tensor([1.0, 0.0, 0.0, 0.5])[:, None, None]
+    entropy = entropy_signal(q[:, 1])[:, None, None]  # binary ER from p(foreground)
+    plain = collaborative_target(onehot, q, omega, entropy, 0.5)
+    certain = collaborative_target(onehot, q, omega, entropy, 0.5, certain=True)
+    for target in (plain, certain):
+        torch.testing.assert_close(target.sum(1), torch.ones(4, 1))
+        torch.testing.assert_close(target[0], onehot[0])  # confident label: kept
+    torch.testing.assert_close(plain[1], sharpen(q, 0.5)[1])  # omega 0: all the way to sharpen(q)
+    torch.testing.assert_close(certain[2], onehot[2])  # undecided ensemble (ER 1): label kept
+    # a decided ensemble moves the target, by (1 - omega)(1 - ER) < 1 - omega
+    assert plain[1, 1] > certain[1, 1] > 0.5 and plain[3, 1] > certain[3, 1] > 0

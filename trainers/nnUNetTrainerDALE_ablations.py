@@ -1,5 +1,5 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``: ablation and tuning variants of nnUNetTrainerDALE."""
-from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_consistency,
+from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_certain, nnUNetTrainerDALE_consistency,
                                            nnUNetTrainerDALE_correctOnly,  # noqa: F401
                                            nnUNetTrainerDALE_floor, nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_noAlign,
                                            nnUNetTrainerDALE_noHorizon,

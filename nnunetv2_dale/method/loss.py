@@ -73,6 +73,15 @@ def sharpen(q: torch.Tensor, temperature: float) -> torch.Tensor:
     return p / p.sum(1, keepdim=True)
 
 
+def collaborative_target(onehot: torch.Tensor, q: torch.Tensor, omega: torch.Tensor, entropy: torch.Tensor,
+                         temperature: float, certain: bool = False) -> torch.Tensor:
+    """The fuzzy phase's target y~ = (1 - s) onehot(y) + s sharpen(q) (class axis 1), with the shift
+    s = 1 - omega, or s = (1 - omega)(1 - ER) when ``certain``: then a low-confidence voxel moves
+    toward the ensemble only as far as the ensemble is decided (ER = ``entropy``, in [0, 1])."""
+    shift = (1 - omega) * (1 - entropy) if certain else 1 - omega
+    return (1 - shift) * onehot + shift * sharpen(q, temperature)
+
+
 def class_balanced(omega: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int | None) -> torch.Tensor:
     """omega rescaled per class so that its mean over the batch's voxels of that class is 1."""
     labels = target[:, :1].long().to(omega.device)

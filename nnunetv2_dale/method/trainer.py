@@ -27,7 +27,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_dale import __version__
 from nnunetv2_dale.method.alignment import FeatureAlignment
 from nnunetv2_dale.method.coords import source_indices, training_loader_with_coordinates
-from nnunetv2_dale.method.loss import DALELoss, class_balanced, ensemble_consistency, sharpen
+from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_target, ensemble_consistency
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, entropy_signal, fit_mixture, loss_signal,
                                         omega_per_voxel)
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler
@@ -97,6 +97,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       target y~ (a correction toward the temporal ensemble) and aligns their features toward y~'s
       class; False trains them with weight omega against their label, as the stable phase does,
       and aligns them toward their label's class (so low confidence only removes weight).
+    - ``dale_certain_correction`` (False): the fuzzy phase moves a voxel's target toward sharpen(q)
+      by (1 - omega) * (1 - ER) instead of (1 - omega): only as far as the ensemble is certain, so
+      hard voxels on which the early ensemble is merely undecided keep most of their label.
     - ``dale_consistency_weight`` (0): weight of the ensemble-consistency term (every post-warm-up
       epoch): mean over known voxels of log(1 - <p, q>), which pulls the prediction toward the
       voxel's temporal ensemble and so resists memorising labels the ensemble contradicts
@@ -145,6 +148,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_confidence_floor = 0.0
         self.dale_consistency_weight = 0.0
         self.dale_fuzzy_correction = True
+        self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
@@ -363,7 +367,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         else:
             reliable, fuzzy = omega * (1 - entropy), 1 - omega
         onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
-        soft = omega * onehot + (1 - omega) * sharpen(q_full, self.dale_sharpen_temperature)
+        soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
+                                    self.dale_certain_correction)
         ignore = self.label_manager.ignore_label
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
             counted = (labels_full != ignore).float()

@@ -111,6 +111,12 @@ class nnUNetTrainerDALE_correctOnly(nnUNetTrainerDALE):
     dale_overrides = {"dale_confidence_floor": 1.0}
 
 
+class nnUNetTrainerDALE_certain(nnUNetTrainerDALE):
+    """Tuning variant: the fuzzy phase corrects a voxel toward the ensemble only as far as the
+    ensemble is certain (``dale_certain_correction``)."""
+    dale_overrides = {"dale_certain_correction": True}
+
+
 class nnUNetTrainerDALE_slowEMA(nnUNetTrainerDALE):
     """Tuning variant: a longer temporal ensemble (new visits weighted at least 0.05 instead of
     0.2, i.e. q follows ~20 visits, not ~5), so that q lags behind the memorisation of noisy labels."""
