@@ -174,6 +174,34 @@ def test_snapshot_replaces_stale_copy_and_prune(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("snap")) == ["snapshot_epoch_0007"]
 
 
+
+def test_snapshot_same_as_shares_files_and_survives_pruning(tmp_path):
+    """After the memory horizon a snapshot hard-links the files of one known to hold the same bytes
+    (no copy, no extra disk); its checksums stay right, pruning the older one leaves it intact, and
+    where that snapshot is gone or belongs to another run the files are copied."""
+    import zlib
+
+    mem = make_memory(tmp_path)
+    mem.reset()
+    mem.update("case_a", torch.tensor([0, 1]), probs_fg([0.9, 0.8]), torch.tensor([1, 1]))
+    mem.snapshot(3)
+    mem.snapshot(5, same_as=3)
+    for name in ("case_a.q.f16", "case_a.n.u8", "case_b.q.f16", "case_b.n.u8"):
+        assert os.stat(mem.snapshot_dir(5) / name).st_ino == os.stat(mem.snapshot_dir(3) / name).st_ino
+    mem.prune({5})
+    assert not mem.snapshot_dir(3).exists()
+    manifest = json.loads((mem.snapshot_dir(5) / "manifest.json").read_text())
+    for name, crc in manifest["crc32"].items():
+        assert zlib.crc32((mem.snapshot_dir(5) / name).read_bytes()) == crc
+    fresh = make_memory(tmp_path)
+    fresh.restore(5, "checkpoint_best.pth")
+    assert fresh.read("case_a", torch.tensor([0]))[1].item() == 1
+    fresh.snapshot(7, same_as=3)  # 3 was pruned: copied
+    assert os.stat(fresh.snapshot_dir(7) / "case_a.q.f16").st_nlink == 1
+    (fresh.snapshot_dir(5) / "manifest.json").write_text(json.dumps({**manifest, "identity": {"fold": 9}}))
+    fresh.snapshot(9, same_as=5)  # not this run's snapshot: copied, never linked
+    assert os.stat(fresh.snapshot_dir(9) / "case_a.q.f16").st_nlink == 1
+
 # ----------------------------------------------------------------------------- DDP (gloo, CPU)
 UPDATES = {  # rank -> (case, indices, p_fg, labels); ranks touch disjoint voxels of a shared case
     0: [("case_a", [0, 1, 2], [0.9, 0.8, 0.1], [1, 1, 0]), ("case_b", [0, 1], [0.2, 0.3], [0, 0])],

@@ -204,9 +204,13 @@ def test_memory_horizon_freezes_buffers_and_mixtures(tiny2d):
     assert len(mixtures) == 4 and len(set(mixtures)) == 1  # fitted once, after epoch 0, then kept
     # every visit after epoch 0 would add to the counts: they hold at most epoch 0's patch voxels
     plan = json.loads((fold.parent / "plans.json").read_text())["configurations"]["2d"]
-    visits = sum(int(np.fromfile(n, dtype=np.uint8).astype(np.int64).sum())
-                 for n in (fold / "dale_memory" / "snapshot_epoch_0004").glob("*.n.u8"))
+    visits_files = list((fold / "dale_memory" / "snapshot_epoch_0004").glob("*.n.u8"))
+    visits = sum(int(np.fromfile(n, dtype=np.uint8).astype(np.int64).sum()) for n in visits_files)
     assert 0 < visits <= 3 * plan["batch_size"] * int(np.prod(plan["patch_size"]))
+    # frozen buffers are not copied again: every snapshot after the first one links its files
+    linked = re.findall(r"DALE buffers for epoch (\d+): (\d+) files hard-linked from the snapshot of epoch (\d+)", log)
+    assert [int(e) for e, _, _ in linked] == [2, 3, 4] and {int(n) for _, n, _ in linked} == {2 * len(visits_files)}
+    assert all(int(s) == int(e) - 1 for e, _, s in linked)
 
 
 def test_collaborative_target_certain_correction_moves_only_as_far_as_the_ensemble_is_decided():

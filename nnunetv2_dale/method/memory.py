@@ -86,6 +86,15 @@ def copy_with_crc(source: Path, target: Path, chunk: int = 1 << 20) -> int:
     return crc
 
 
+def _hard_link(source: Path, target: Path) -> bool:
+    """Hard-link ``target`` to ``source``; False where that is impossible (gone, no link support)."""
+    try:
+        os.link(source, target)
+        return True
+    except OSError:
+        return False
+
+
 def write_json_atomic(path: Path, content: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -111,6 +120,7 @@ class ConfidenceMemory:
         self.visited_voxels = 0
         self.stats = EpochStats(num_classes)
         self._snapshot_written: int | None = None
+        self.snapshot_linked = 0
         self.excluded_dir = self.root / "excluded"
         self._excluded_counts: dict[str, int] = {}  # case -> ignore-label voxels (a bitmask file when > 0)
 
@@ -269,23 +279,36 @@ class ConfidenceMemory:
     def snapshot_dir(self, epoch: int) -> Path:
         return self.root / f"snapshot_epoch_{epoch:04d}"
 
-    def snapshot(self, epoch: int, extra: dict | None = None) -> Path:
+    def snapshot(self, epoch: int, extra: dict | None = None, same_as: int | None = None) -> Path:
         """Copy the live buffers to the snapshot for ``epoch`` (atomic: tmp folder + rename).
 
         Within one process, a second call for the same epoch (nnU-Net may write checkpoint_best
         and checkpoint_latest in one epoch) reuses the copy. A snapshot left by an earlier process
         with the same stamp (a run resumed from an older checkpoint) is replaced.
+
+        ``same_as``: the epoch of a snapshot whose buffer bytes the caller KNOWS equal the live ones
+        (the memory has not been updated since it was taken or restored, e.g. after the memory
+        horizon). Its files are hard-linked instead of copied, with their recorded checksums: no
+        copy, no extra disk. Snapshot files are never written after creation, so sharing them is
+        safe, and deleting (pruning) either name leaves the other intact. Files that snapshot no
+        longer has are copied.
         """
         target = self.snapshot_dir(epoch)
+        self.snapshot_linked = 0  # files of this snapshot that are hard links (the rest were copied)
         if self._snapshot_written == epoch and target.exists():
             return target
         tmp = self.root / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        linked = self._linkable(same_as) if same_as is not None and same_as != epoch else {}
         checksums = {}
         for key in self.case_shapes:
             for path, _ in self._buffer_files(self.live, key):
-                checksums[path.name] = copy_with_crc(path, tmp / path.name)
+                if path.name in linked and _hard_link(self.snapshot_dir(same_as) / path.name, tmp / path.name):
+                    checksums[path.name] = linked[path.name]
+                    self.snapshot_linked += 1
+                else:
+                    checksums[path.name] = copy_with_crc(path, tmp / path.name)
         write_json_atomic(tmp / MANIFEST, {**self.manifest(epoch, extra), "crc32": checksums})
         _fsync_dir(tmp)
         stale = self.root / f".{target.name}.stale"
@@ -297,6 +320,19 @@ class ConfidenceMemory:
         shutil.rmtree(stale, ignore_errors=True)
         self._snapshot_written = epoch
         return target
+
+    def _linkable(self, epoch: int) -> dict[str, int]:
+        """File name -> CRC-32 of the complete snapshot ``epoch`` with the right sizes; {} if none."""
+        folder = self.snapshot_dir(epoch)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return {}
+        if manifest.get("epoch") != epoch or manifest.get("identity") != self.identity or "crc32" not in manifest:
+            return {}
+        sizes = {path.name: size for key in self.case_shapes for path, size in self._buffer_files(folder, key)}
+        return {name: crc for name, crc in manifest["crc32"].items()
+                if name in sizes and (folder / name).is_file() and (folder / name).stat().st_size == sizes[name]}
 
     def restore(self, epoch: int, checkpoint_name: str) -> dict:
         """Make the snapshot stamped ``epoch`` the live buffers; refuse anything that does not match.

@@ -162,6 +162,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self._epoch_terms: dict[str, list[float]] = {}
         self.memory: ConfidenceMemory | None = None
         self._dale_restore: tuple[int, str] | None = None
+        self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
         self._skipped_steps = 0
         self.logger.local_logger = DALELocalLogger()
         self.print_to_log_file(
@@ -234,6 +235,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                         self.memory.restore(epoch, name)
                     except MemoryMismatchError as e:
                         raise SetupError(str(e)) from None
+                    if self.memory_frozen(epoch):
+                        self._frozen_snapshot = epoch
         self._barrier()
         if self._dale_restore is not None:
             manifest = json.loads((self.memory.live / "manifest.json").read_text())
@@ -484,7 +487,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         with write_failures_explained(os.path.dirname(filename), os.path.basename(filename), tmp):
             if write_memory and self.local_rank == 0:
                 self.memory.snapshot(epoch, {"mixtures": [m.to_dict() for m in self.mixtures],
-                                             "alignment": self.alignment.state()})
+                                             "alignment": self.alignment.state()}, same_as=self._frozen_snapshot)
+                if self.memory.snapshot_linked:
+                    self.print_to_log_file(f"DALE buffers for epoch {epoch}: {self.memory.snapshot_linked} files "
+                                           f"hard-linked from the snapshot of epoch {self._frozen_snapshot} (frozen "
+                                           "since the memory horizon), not copied")
+                if self.memory_frozen(epoch):  # no update after this snapshot: later ones can share its files
+                    self._frozen_snapshot = epoch
             super().save_checkpoint(tmp)
             if self.local_rank == 0 and os.path.isfile(tmp):
                 name = os.path.basename(filename)
