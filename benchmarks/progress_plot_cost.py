@@ -4,15 +4,30 @@
 """
 import tempfile
 import time
-from nnunetv2.training.logging.nnunet_logger import LocalLogger
-from nnunetv2_dale.method.progress import DALELocalLogger
-import numpy as np
-def fill(lg, n=50):
-    for e in range(n):
-        for k in list(lg.my_fantastic_logging):
-            v = [0.5, 0.6] if k in ("dice_per_class_or_region", "dale_mean_confidence") else float(np.random.rand())
-            lg.log(k, v, e)
-out = tempfile.mkdtemp()
-for cls in (LocalLogger, DALELocalLogger, LocalLogger, DALELocalLogger):
-    lg = cls(); fill(lg); t = time.perf_counter(); lg.plot_progress_png(out); print(cls.__name__, f"{time.perf_counter()-t:.2f} s")
 
+import numpy as np
+from nnunetv2.training.logging.nnunet_logger import LocalLogger
+
+from nnunetv2_dale.method.progress import DALELocalLogger
+
+
+def fill(logger: LocalLogger, epochs: int = 50) -> None:
+    """Log random values for every key the logger plots."""
+    for epoch in range(epochs):
+        for key in list(logger.my_fantastic_logging):
+            value = [0.5, 0.6] if key in ("dice_per_class_or_region", "dale_mean_confidence") else float(np.random.rand())
+            logger.log(key, value, epoch)
+
+
+def main() -> None:
+    out = tempfile.mkdtemp()
+    for cls in (LocalLogger, DALELocalLogger, LocalLogger, DALELocalLogger):
+        logger = cls()
+        fill(logger)
+        start = time.perf_counter()
+        logger.plot_progress_png(out)
+        print(cls.__name__, f"{time.perf_counter() - start:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

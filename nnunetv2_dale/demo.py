@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> None:
         scores[trainer] = json.loads((pred / "summary.json").read_text())["foreground_mean"]["Dice"]
         step += 1
 
-    print(f"\nTest Dice against the CLEAN test labels ({args.num_test} cases), both trained on the same noisy "
-          f"labels, fold 0, {args.epochs} x {args.iters}:")
+    trained = "both trained on the same noisy labels" if len(scores) > 1 else "trained on the noisy labels"
+    print(f"\nTest Dice against the CLEAN test labels ({args.num_test} cases), {trained}, fold 0, "
+          f"{args.epochs} x {args.iters}:")
     for trainer, dice in scores.items():
         name = "DALE" if trainer == DALE else "nnU-Net"
         delta = f"  ({100 * (dice - scores[BASELINE]):+.1f} points)" if trainer == DALE and BASELINE in scores else ""
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Predictions:     {work}/predictions_test_<trainer> (summary.json holds the metrics)")
     print(f"Logs:            {logs}")
     print(f"Done in {time.time() - started:.0f} s.")
+
 
 if __name__ == "__main__":
     main()

@@ -174,7 +174,6 @@ def test_snapshot_replaces_stale_copy_and_prune(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("snap")) == ["snapshot_epoch_0007"]
 
 
-
 def test_snapshot_same_as_shares_files_and_survives_pruning(tmp_path):
     """After the memory horizon a snapshot hard-links the files of one known to hold the same bytes
     (no copy, no extra disk); its checksums stay right, pruning the older one leaves it intact, and
@@ -201,6 +200,7 @@ def test_snapshot_same_as_shares_files_and_survives_pruning(tmp_path):
     (fresh.snapshot_dir(5) / "manifest.json").write_text(json.dumps({**manifest, "identity": {"fold": 9}}))
     fresh.snapshot(9, same_as=5)  # not this run's snapshot: copied, never linked
     assert os.stat(fresh.snapshot_dir(9) / "case_a.q.f16").st_nlink == 1
+
 
 # ----------------------------------------------------------------------------- DDP (gloo, CPU)
 UPDATES = {  # rank -> (case, indices, p_fg, labels); ranks touch disjoint voxels of a shared case

@@ -307,12 +307,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         omegas = self._to_scales(omega, targets)
         terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
         loss = 0
+        weights = None  # omegas on the device, built once per step where a phase weights its loss
         if phase in (STABLE, JOINT):
             if self.dale_class_balanced_weights:
                 omegas = [class_balanced(o, t, len(self.label_manager.all_labels), self.label_manager.ignore_label)
                           for o, t in zip(omegas, targets)]
-            w = [o.to(self.device) for o in omegas]
-            stable = self.loss(output, target, weights=w if ds else w[0])
+            weights = [o.to(self.device) for o in omegas]
+            stable = self.loss(output, target, weights=weights if ds else weights[0])
             loss = loss + stable
             terms["stable_loss"] = float(stable.detach())
             if self.dale_use_alignment and self.alignment.features is not None:
@@ -323,8 +324,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 collaborative = self.loss(output, target, soft=softs if ds else softs[0])
             else:
                 soft = onehot
-                w = [o.to(self.device) for o in omegas]
-                collaborative = self.loss(output, target, weights=w if ds else w[0])
+                weights = weights or [o.to(self.device) for o in omegas]
+                collaborative = self.loss(output, target, weights=weights if ds else weights[0])
             loss = loss + collaborative
             terms["fuzzy_loss"] = float(collaborative.detach())
             lam = alignment_weight(self.current_epoch, self.num_epochs, self.dale_warmup_fraction,
