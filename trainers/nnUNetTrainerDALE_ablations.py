@@ -1,7 +1,9 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``: ablation and tuning variants of nnUNetTrainerDALE."""
 from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_certain,  # noqa: F401
                                            nnUNetTrainerDALE_consistency, nnUNetTrainerDALE_correctOnly,
-                                           nnUNetTrainerDALE_floor, nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_noAlign,
-                                           nnUNetTrainerDALE_noAlternation, nnUNetTrainerDALE_noConfidence,
-                                           nnUNetTrainerDALE_noCorrection, nnUNetTrainerDALE_noFuzzySampling,
-                                           nnUNetTrainerDALE_noHorizon, nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01)
+                                           nnUNetTrainerDALE_floor, nnUNetTrainerDALE_halfAlign,
+                                           nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_lightAlign,
+                                           nnUNetTrainerDALE_noAlign, nnUNetTrainerDALE_noAlternation,
+                                           nnUNetTrainerDALE_noConfidence, nnUNetTrainerDALE_noCorrection,
+                                           nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_noHorizon,
+                                           nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01)
