@@ -4,7 +4,9 @@ chosen moment of a file write, to test crash safety where a timed kill from outs
 ``DALE_TEST_KILL=<kind>:<n>:<regex>`` kills at the n-th event whose path matches ``regex``:
 - ``replace``: just before ``os.replace(src, ...)``, matched on ``src``;
 - ``copy``: half-way through a buffer copy (``memory.copy_with_crc``), matched on its target;
-- ``save``: half-way through ``torch.save`` (half the bytes written), matched on the file name.
+- ``save``: half-way through ``torch.save`` (half the bytes written), matched on the file name;
+- ``apply``: half-way through a memory update in the background writer thread (half the patch's
+  source voxels folded in), matched on the case key.
 
 Usage: ``python killpoint.py DATASET CONFIG FOLD -tr TRAINER ...`` (nnUNetv2_train's arguments).
 """
@@ -74,6 +76,16 @@ elif kind == "save":
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
+elif kind == "apply":
+    real_apply = memory.ConfidenceMemory.apply
+
+    def apply(self, key, patch):
+        if _hit(key):
+            real_apply(self, key, patch.select(torch.arange(patch.index.numel()) < patch.index.numel() // 2))
+            _kill()
+        return real_apply(self, key, patch)
+
+    memory.ConfidenceMemory.apply = apply
 else:
     raise SystemExit(f"unknown kill kind {kind!r}")
 

@@ -1,6 +1,7 @@
-"""SIGKILL at chosen moments of every checkpoint/buffer write and at a random moment; each time the
-fold on disk stays consistent (every checkpoint loads and has a complete, checksummed snapshot of
-its epoch) and ``--c`` goes on; a damaged buffer file is refused with a message, never used."""
+"""SIGKILL at chosen moments of every checkpoint/buffer write, half-way through a memory update in
+the background writer, and at a random moment; each time the fold on disk stays consistent (every
+checkpoint loads and has a complete, checksummed snapshot of its epoch) and ``--c`` goes on; a
+damaged buffer file is refused with a message, never used."""
 from __future__ import annotations
 
 import json
@@ -94,12 +95,17 @@ def test_kills_at_every_write_leave_a_resumable_fold(crash_tree):
     fold = tree.results / "Dataset989_Crash" / f"{TRAINER}__nnUNetPlans__2d" / "fold_0"
 
     history = []
-    for i, kill in enumerate(CHAIN):
+    # first: a kill in the background writer half-way through an update of the first iteration (of
+    # 2 samples, so before any checkpoint; later iterations may land after the first checkpoint)
+    apply_seed = random.randrange(10**6)
+    chain = [("apply", random.Random(apply_seed).randint(1, 2), r".")] + CHAIN
+    for i, kill in enumerate(chain):
         out = killed_run(args + (["--c"] if i else []), env, kill)
-        history.append(assert_consistent(fold, f"killed at {kill}"))
+        history.append(assert_consistent(fold, f"killed at {kill} (seed {apply_seed})"))
         if kill[2] == r"live\.tmp$":  # the kill hit the restore of a resumed run
             assert "DALE memory" not in out
-    assert history[2] == {} and history[3] == {"checkpoint_latest.pth": 1}, history  # the first checkpoint survived
+    assert history[0] == {}, history  # killed in the first epoch: nothing to resume, --c starts afresh
+    assert history[3] == {} and history[4] == {"checkpoint_latest.pth": 1}, history  # the first checkpoint survived
     assert history[-1].get("checkpoint_latest.pth") == 1, history  # later kills were before its replacement
 
     seed = random.randrange(10**6)

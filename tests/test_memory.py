@@ -255,3 +255,82 @@ def test_ddp_gloo_two_processes_match_single_process(tmp_path):
     for case in SHAPES:
         for got, want in zip(ddp_mem.case_arrays(case), ref.case_arrays(case)):
             np.testing.assert_array_equal(got, want)
+
+
+def _update_sequence(seed: int = 0, steps: int = 40):
+    """A deterministic sequence of patch updates over both cases, with repeated source voxels."""
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        key = ("case_a", "case_b")[int(rng.integers(2))]
+        n = int(np.prod(SHAPES[key]))
+        index = torch.from_numpy(rng.integers(0, n, size=3 * n))  # ~3 patch voxels per source voxel
+        yield key, index, probs_fg(rng.random(index.numel())), torch.from_numpy(rng.integers(0, 2, index.numel()))
+
+
+def test_background_writes_give_the_same_buffers_and_statistics(tmp_path):
+    sync, deferred = make_memory(tmp_path / "sync"), ConfidenceMemory(tmp_path / "bg", SHAPES, 2, IDENTITY, 0.2,
+                                                                      background=True)
+    sync.reset()
+    deferred.reset()
+    for step, (key, index, probs, labels) in enumerate(_update_sequence()):
+        sync.update(key, index, probs, labels)
+        deferred.defer(lambda a=(key, index, probs, labels): deferred.update(*a))
+        if step == 20:  # a snapshot holds every update submitted before it
+            sync.snapshot(1)
+            deferred.snapshot(1)
+    for case in SHAPES:
+        for got, want in zip(deferred.case_arrays(case), sync.case_arrays(case)):
+            np.testing.assert_array_equal(got, want)
+        for name in (f"{case}.q.f16", f"{case}.n.u8"):
+            assert (tmp_path / "bg/snapshot_epoch_0001" / name).read_bytes() == \
+                   (tmp_path / "sync/snapshot_epoch_0001" / name).read_bytes()
+    a, b = deferred.finish_epoch(), sync.finish_epoch()
+    assert a[:3] == b[:3]
+    np.testing.assert_array_equal(a[3], b[3])
+    deferred.close()
+
+
+def test_background_write_failure_is_raised_not_lost(tmp_path):
+    mem = ConfidenceMemory(tmp_path, SHAPES, 2, IDENTITY, 0.2, background=True)
+    mem.reset()
+    mem.defer(lambda: mem.update("no_such_case", torch.tensor([0]), probs_fg([0.5]), torch.tensor([0])))
+    with pytest.raises(RuntimeError, match="DALE memory update failed in the background writer"):
+        mem.flush()
+    mem.defer(lambda: mem.update("case_a", torch.tensor([0]), probs_fg([0.5]), torch.tensor([1])))
+    mem.close()
+    assert mem.read("case_a", torch.tensor([0]))[1][0] == 1  # the writer keeps working after a reported failure
+
+
+def test_update_matches_the_per_voxel_reference(tmp_path):
+    """The scatter-on-device + host-apply update gives the buffers and statistics of the original
+    per-patch-voxel implementation (reference below, numpy), repeated source voxels included (their
+    labels agree, as the labels of one source voxel do)."""
+    from nnunetv2_dale.method.rsets import N_BINS, histogram, loss_signal
+
+    mem = make_memory(tmp_path)
+    mem.reset()
+    ref = {k: (np.zeros(int(np.prod(s)), np.float16), np.zeros(int(np.prod(s)), np.uint8)) for k, s in SHAPES.items()}
+    source_labels = {k: np.random.default_rng(5).integers(0, 2, int(np.prod(s))) for k, s in SHAPES.items()}
+    hist, conf_sum, conf_cnt = np.zeros((2, N_BINS)), np.zeros(2), np.zeros(2)
+    for key, index, probs, _ in _update_sequence(seed=3):
+        labels = torch.from_numpy(source_labels[key][index.numpy()])
+        mem.update(key, index, probs, labels)
+        q, n = ref[key]  # reference: torch.unique scatter-mean, then the EMA, statistics per patch voxel
+        uniq, inverse = torch.unique(index, return_inverse=True)
+        mean = torch.zeros((uniq.numel(), 1)).index_add_(0, inverse, probs[:, 1:]) / torch.bincount(inverse)[:, None]
+        where = uniq.numpy()
+        weight = np.maximum(1.0 / (n[where] + 1.0), 0.2)
+        new_q = (1 - weight) * q[where].astype(np.float32) + weight * mean[:, 0].numpy()
+        q[where], n[where] = new_q.astype(np.float16), np.minimum(n[where].astype(int) + 1, 255)
+        agreement = agreement_with_label(torch.from_numpy(new_q)[inverse][:, None], labels, 2)
+        for k in range(2):
+            hist[k] += histogram(loss_signal(agreement)[labels == k])
+        conf_sum += np.bincount(labels.numpy(), weights=agreement.numpy(), minlength=2)
+        conf_cnt += np.bincount(labels.numpy(), minlength=2)
+    for key, (q, n) in ref.items():
+        got_q, got_n = mem.case_arrays(key)
+        np.testing.assert_array_equal(got_n.reshape(-1), n)
+        np.testing.assert_allclose(got_q.reshape(-1).astype(np.float32), q.astype(np.float32), atol=1e-3)
+    _, confidence, _, got_hist = mem.finish_epoch()
+    np.testing.assert_array_equal(got_hist, hist)
+    np.testing.assert_allclose(confidence, conf_sum / conf_cnt, rtol=1e-6)

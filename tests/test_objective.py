@@ -227,3 +227,28 @@ def test_collaborative_target_certain_correction_moves_only_as_far_as_the_ensemb
     torch.testing.assert_close(certain[2], onehot[2])  # undecided ensemble (ER 1): label kept
     # a decided ensemble moves the target, by (1 - omega)(1 - ER) < 1 - omega
     assert plain[1, 1] > certain[1, 1] > 0.5 and plain[3, 1] > certain[3, 1] > 0
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_boundary_band_marks_voxels_within_the_margin_of_a_label_change(dim):
+    from scipy import ndimage
+
+    from nnunetv2_dale.method.rsets import boundary_band
+
+    rng = np.random.default_rng(dim)
+    seeds = np.stack([rng.random([12] * dim) > 1 - 0.03 ** (dim - 1) for _ in range(2)])  # a few blobs per sample
+    labels = torch.from_numpy(np.stack([ndimage.binary_dilation(s, iterations=2) for s in seeds])).long()
+    labels[1, (0,) * dim] = 2  # a third class in one corner
+    onehot = torch.zeros(2, 3, *[12] * dim).scatter_(1, labels[:, None], 1)
+    for margin in (1, 2):
+        band = boundary_band(onehot, margin)[:, 0].numpy()
+        lab = labels.numpy()
+        # reference: some voxel within the Chebyshev distance has another label
+        expected = np.zeros_like(band)
+        for b in range(2):
+            footprint = np.ones([2 * margin + 1] * dim, bool)
+            for c in range(3):
+                has = lab[b] == c
+                expected[b] |= ndimage.binary_dilation(has, footprint) & ~has  # another class's voxel near
+        assert band.any() and not band.all()
+        np.testing.assert_array_equal(band, expected)

@@ -96,6 +96,21 @@ def test_multichannel_multiclass_ignore_label(multilabel2d, plans, tmp_path, mon
     assert seen_ignored == 0 and seen_labelled > 0
 
 
+def _trainer_with_filled_memory(multilabel2d, monkeypatch, seed: int, visits):
+    """An in-process DALE trainer on the multi-label dataset whose memory holds random 4-class
+    ensembles for every voxel (ignored ones included) and ``visits(rng, size)`` visit counts."""
+    tree, _ = multilabel2d
+    trainer = inprocess_trainer(tree, 987, "2d", monkeypatch)
+    trainer.on_train_start()
+    rng = np.random.default_rng(seed)
+    for key in trainer.memory.case_shapes:
+        q, n = trainer.memory._open(key)
+        q[:] = rng.dirichlet(np.ones(4), size=q.shape[0]).astype(np.float16)
+        n[:] = visits(rng, n.shape[0])
+        del q, n
+    return trainer
+
+
 def test_ignored_voxels_count_in_no_dale_term(multilabel2d, monkeypatch):
     """With every voxel (ignored ones included) in the memory as if visited 10 times, the loss
     gradient at ignored voxels is zero in every phase, and they are in neither set (so neither in
@@ -103,15 +118,7 @@ def test_ignored_voxels_count_in_no_dale_term(multilabel2d, monkeypatch):
     from nnunetv2_dale.method.rsets import Mixture
     from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE
 
-    tree, _ = multilabel2d
-    trainer = inprocess_trainer(tree, 987, "2d", monkeypatch)
-    trainer.on_train_start()
-    rng = np.random.default_rng(0)
-    for key in trainer.memory.case_shapes:
-        q, n = trainer.memory._open(key)
-        q[:] = rng.dirichlet(np.ones(4), size=q.shape[0]).astype(np.float16)
-        n[:] = 10
-        del q, n
+    trainer = _trainer_with_filled_memory(multilabel2d, monkeypatch, seed=0, visits=lambda rng, size: 10)
     trainer.mixtures = [Mixture((0.7, 0.3), (0.3, 2.0), (0.3, 1.0), True) for _ in range(4)]
     batch = next(trainer.dataloader_train)
     targets = batch["target"] if isinstance(batch["target"], list) else [batch["target"]]
@@ -131,6 +138,53 @@ def test_ignored_voxels_count_in_no_dale_term(multilabel2d, monkeypatch):
                 continue
             grad = o.grad.abs().sum(1, keepdim=True)
             assert (grad[t == IGNORE] == 0).all() and (grad[t != IGNORE] > 0).any(), phase
+
+
+def _reference_rset_maps(trainer, batch):
+    """The per-sample host implementation of ``rset_maps`` before it ran batched on the device
+    (nnunetv2-dale 0.2), kept as the reference the new path must match."""
+    from nnunetv2_dale.method.loss import collaborative_target
+    from nnunetv2_dale.method.rsets import entropy_signal
+
+    labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+    k = len(trainer.label_manager.all_labels)
+    shape = labels_full.shape
+    omega, entropy = torch.ones(shape), torch.zeros(shape)
+    known_full = torch.zeros(shape, dtype=torch.bool)
+    q_full = torch.zeros((shape[0], k, *shape[2:]))
+    for b, key, index, valid, labels in trainer._patch_voxels(batch):
+        q, visits = trainer.memory.read(key, index)
+        known = valid & (visits >= trainer.dale_min_visits)
+        lab = labels.clamp(0, k - 1)
+        om = trainer.label_confidence(key, index, valid, known, lab, q)
+        er = torch.where(known, entropy_signal(q), torch.zeros(()))
+        qk = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
+        qk = torch.where(known[:, None], qk, torch.nn.functional.one_hot(lab, k).float())
+        omega[b], entropy[b], known_full[b] = om.reshape(shape[1:]), er.reshape(shape[1:]), known.reshape(shape[1:])
+        q_full[b] = qk.T.reshape(k, *shape[2:])
+    reliable, fuzzy = omega * (1 - entropy), 1 - omega
+    onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
+    soft = collaborative_target(onehot, q_full, omega, entropy, trainer.dale_sharpen_temperature,
+                                trainer.dale_certain_correction)
+    counted = (labels_full != trainer.label_manager.ignore_label).float()
+    return omega, reliable * counted, fuzzy * counted, soft, onehot, q_full, known_full
+
+
+def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypatch):
+    """The batched device-side R-set maps equal the per-sample host computation they replaced
+    (4 classes, ignore label, voxels below and above the visit threshold)."""
+    from nnunetv2_dale.method.rsets import Mixture
+
+    trainer = _trainer_with_filled_memory(multilabel2d, monkeypatch, seed=1,
+                                          visits=lambda rng, size: rng.integers(0, 6, size=size))
+    trainer.mixtures = [Mixture((0.7, 0.3), (0.3, 2.0), (0.3, 1.0), True), Mixture(),
+                        Mixture((0.6, 0.4), (0.2, 1.5), (0.5, 0.8), True), Mixture((0.9, 0.1), (0.1, 3.0), (0.2, 1.0), True)]
+    batch = next(trainer.dataloader_train)
+    got, want = trainer.rset_maps(batch), _reference_rset_maps(trainer, batch)
+    assert 0 < float(want[6].float().mean()) < 1  # some voxels known, some not
+    for name, g, w in zip(("omega", "reliable", "fuzzy", "soft", "onehot", "ensemble", "known"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_3d_lowres_and_cascade(tmp_path):

@@ -3,6 +3,7 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_balanced, nnUNetTra
                                            nnUNetTrainerDALE_consistency, nnUNetTrainerDALE_correctOnly,
                                            nnUNetTrainerDALE_floor, nnUNetTrainerDALE_halfAlign,
                                            nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_lightAlign,
+                                           nnUNetTrainerDALE_margin,
                                            nnUNetTrainerDALE_noAlign, nnUNetTrainerDALE_noAlternation,
                                            nnUNetTrainerDALE_noConfidence, nnUNetTrainerDALE_noCorrection,
                                            nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_noHorizon,

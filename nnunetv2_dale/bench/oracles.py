@@ -51,8 +51,8 @@ class _NoiseOracle(nnUNetTrainerDALE):
         self.print_to_log_file(f"Oracle: noise masks of {len(self.noise_masks)} cases, {changed:.2%} of voxels changed")
 
     def label_confidence(self, key, index, valid, known, labels, q):
-        noisy = self.noise_masks[key][index.clamp(0, len(self.noise_masks[key]) - 1)]
-        return torch.where(valid & noisy, torch.zeros(()), torch.ones(()))
+        noisy = self.noise_masks[key][index.clamp(0, len(self.noise_masks[key]) - 1)].to(valid.device)
+        return torch.where(valid & noisy, torch.zeros((), device=valid.device), torch.ones((), device=valid.device))
 
 
 class nnUNetTrainerDALE_oracleOmega(_NoiseOracle):

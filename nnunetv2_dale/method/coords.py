@@ -38,7 +38,7 @@ def source_indices(coords: torch.Tensor, case_shape: tuple[int, ...]) -> tuple[t
     transformed coordinate map ``(4, *patch)`` (or ``(4, 1, *patch)`` in 2D)."""
     coords = coords.reshape(COORD_CHANNELS, -1)
     valid = coords[3] > VALID_THRESHOLD
-    idx = torch.zeros(coords.shape[1], dtype=torch.int64)
+    idx = torch.zeros(coords.shape[1], dtype=torch.int64, device=coords.device)
     stride = 1
     for axis in (2, 1, 0):
         c = torch.round(coords[axis]).to(torch.int64)

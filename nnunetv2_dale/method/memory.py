@@ -17,6 +17,10 @@ folder + rename) to ``snapshot_epoch_XXXX``, stamped with the epoch of the check
 to it, with a CRC-32 of every file in its manifest; ``restore(epoch)`` copies a snapshot back
 and verifies sizes and checksums on the way. A snapshot whose stamp, case list or bytes do not
 match is refused with a message, never used.
+
+With ``background=True`` the trainer's updates run in a background writer thread (``defer``;
+``writer.py``), off the training loop's critical path; everything that must see all of them
+(epoch statistics, snapshots, restore, reset, whole-case reads) flushes it first.
 """
 from __future__ import annotations
 
@@ -27,11 +31,13 @@ import shutil
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 from nnunetv2_dale.method.rsets import N_BINS, agreement_with_label, histogram, loss_signal
+from nnunetv2_dale.method.writer import BackgroundWriter
 
 MANIFEST = "manifest.json"
 MAX_COUNT = 255
@@ -95,6 +101,44 @@ def _hard_link(source: Path, target: Path) -> bool:
         return False
 
 
+@dataclass
+class PatchUpdate:
+    """One patch reduced to its distinct source voxels: sorted flat indices (M,), mean softmax
+    (M, channels), the label of each (that of a patch voxel mapping to it) and how many patch
+    voxels mapped to it. Made on the training device, folded in on the host (``apply``)."""
+
+    index: torch.Tensor
+    mean: torch.Tensor
+    labels: torch.Tensor
+    hits: torch.Tensor
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> "PatchUpdate":
+        pin = non_blocking and self.index.device.type == "cuda"
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if not pin:
+                return t.to(device)
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t, non_blocking=True)
+
+        return PatchUpdate(move(self.index), move(self.mean), move(self.labels), move(self.hits))
+
+    def select(self, keep: torch.Tensor) -> "PatchUpdate":
+        return PatchUpdate(self.index[keep], self.mean[keep], self.labels[keep], self.hits[keep])
+
+
+def scatter_patch(index: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, channels: int) -> PatchUpdate:
+    """Scatter-mean of a patch's softmax (N, K) over its source voxels ``index`` (N,), on the
+    tensors' device (``channels`` 1: p(foreground) of a binary task)."""
+    values = probs[:, 1:] if channels == 1 else probs
+    uniq, inverse = torch.unique(index, return_inverse=True)
+    hits = torch.bincount(inverse, minlength=uniq.numel())
+    sums = torch.zeros((uniq.numel(), channels), dtype=torch.float32, device=index.device)
+    mean = sums.index_add_(0, inverse, values.float()) / hits[:, None]
+    lab = torch.zeros(uniq.numel(), dtype=torch.int16, device=index.device).scatter_(0, inverse, labels.to(torch.int16))
+    return PatchUpdate(uniq, mean, lab, hits.to(torch.int32))
+
+
 def write_json_atomic(path: Path, content: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -108,7 +152,7 @@ class ConfidenceMemory:
     """Temporal-ensemble buffers for the training cases of one fold."""
 
     def __init__(self, folder: str | os.PathLike, case_shapes: dict[str, tuple[int, ...]], num_classes: int,
-                 identity: dict, ema_min_weight: float = 0.2) -> None:
+                 identity: dict, ema_min_weight: float = 0.2, background: bool = False) -> None:
         self.root = Path(folder)
         self.live = self.root / "live"
         self.case_shapes = {k: tuple(int(s) for s in v) for k, v in case_shapes.items()}
@@ -123,6 +167,27 @@ class ConfidenceMemory:
         self.snapshot_linked = 0
         self.excluded_dir = self.root / "excluded"
         self._excluded_counts: dict[str, int] = {}  # case -> ignore-label voxels (a bitmask file when > 0)
+        self._writer = BackgroundWriter() if background else None
+
+    # ------------------------------------------------------ background writes
+    def defer(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (updates of this memory) in the background writer, in submission order, or
+        now when the memory has none. Results become visible to ``read`` at the latest on ``flush``."""
+        if self._writer is None:
+            job()
+        else:
+            self._writer.submit(job)
+
+    def flush(self) -> None:
+        """Wait for every deferred update (raises the failure of any of them)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and stop the background writer (the memory then applies updates synchronously)."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
 
     # ----------------------------------------------------------------- files
     def _q_path(self, folder: Path, key: str) -> Path:
@@ -139,6 +204,7 @@ class ConfidenceMemory:
     def exclude(self, key: str, mask: np.ndarray | None, write: bool = True) -> None:
         """Never update the voxels of case ``key`` where ``mask`` is true (ignore label).
         ``write=False`` (other DDP ranks): only remember that rank 0 wrote the mask."""
+        self.flush()
         path = self.excluded_dir / f"{key}.bits"
         count = 0 if mask is None else int(mask.sum())
         self.total_voxels -= count - self._excluded_counts.get(key, 0)  # visited fraction: of the countable voxels
@@ -170,6 +236,7 @@ class ConfidenceMemory:
 
     def reset(self) -> None:
         """Fresh, empty buffers (zeros; their disk blocks reserved up front)."""
+        self.flush()
         tmp = self.root / "live.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -206,20 +273,21 @@ class ConfidenceMemory:
         softmax; ``labels``: (N,) annotated label of those patch voxels (for the statistics).
         Patch voxels mapping to the same source voxel are averaged first (scatter-mean).
         """
+        if index.numel():
+            self.apply(key, scatter_patch(index, probs, labels, self.channels).to("cpu"))
+
+    def apply(self, key: str, patch: "PatchUpdate") -> None:
+        """Fold a scattered patch (host tensors) into the case's buffers: q <- (1 - w) q + w mean,
+        w = max(1 / (n + 1), ema_min_weight), n <- min(n + 1, 255), and add its statistics (each
+        source voxel counted once per patch voxel that mapped to it, with its label)."""
         if self._excluded_counts.get(key):
-            keep = ~self.is_excluded(key, index)
-            index, probs, labels = index[keep], probs[keep], labels[keep]
-        if index.numel() == 0:
+            patch = patch.select(~self.is_excluded(key, patch.index))
+        if patch.index.numel() == 0:
             return
-        if not torch.isfinite(probs).all():
+        if not torch.isfinite(patch.mean).all():  # a non-finite softmax makes its source voxel's mean non-finite
             self.stats.skipped_nonfinite += 1
             return
-        values = probs[:, 1:] if self.channels == 1 else probs
-        uniq, inverse = torch.unique(index, return_inverse=True)
-        sums = torch.zeros((uniq.numel(), self.channels), dtype=torch.float32).index_add_(0, inverse, values.float())
-        hits = torch.bincount(inverse, minlength=uniq.numel()).clamp_min(1).float()
-        mean = (sums / hits[:, None]).numpy()
-        where = uniq.numpy()
+        where, mean = patch.index.numpy(), patch.mean.float().numpy()
         q, c = self._open(key)
         try:
             old_q = q[where].astype(np.float32)
@@ -231,13 +299,15 @@ class ConfidenceMemory:
         finally:
             del q, c
         self.stats.newly_visited += int((old_n == 0).sum())
-        agreement = agreement_with_label(torch.from_numpy(new_q)[inverse], labels, self.num_classes)
-        lab = labels.numpy()
+        labels, hits = patch.labels.long(), patch.hits.double()
+        agreement = agreement_with_label(torch.from_numpy(new_q), labels, self.num_classes).double()
         losses = loss_signal(agreement)
         for k in range(self.num_classes):
-            self.stats.loss_hist[k] += histogram(losses[labels == k])
-        self.stats.conf_sum += np.bincount(lab, weights=agreement.numpy(), minlength=self.num_classes)[: self.num_classes]
-        self.stats.conf_cnt += np.bincount(lab, minlength=self.num_classes)[: self.num_classes]
+            sel = labels == k
+            self.stats.loss_hist[k] += histogram(losses[sel], hits[sel])
+        lab = labels.clamp(0, self.num_classes - 1).numpy()
+        self.stats.conf_sum += np.bincount(lab, weights=(agreement * hits).numpy(), minlength=self.num_classes)
+        self.stats.conf_cnt += np.bincount(lab, weights=hits.numpy(), minlength=self.num_classes)
 
     def read(self, key: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q as (N, channels) float32, visit counts (N,)) at the given flat source indices."""
@@ -250,6 +320,7 @@ class ConfidenceMemory:
 
     def case_arrays(self, key: str, folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Whole-case (q, n) as in-RAM arrays shaped like the case (for pictures, audits, tests)."""
+        self.flush()
         folder = folder or self.live
         shape = self.case_shapes[key]
         q = np.fromfile(self._q_path(folder, key), dtype=np.float16).reshape(*shape, self.channels)
@@ -263,6 +334,7 @@ class ConfidenceMemory:
 
         Under DDP the sums are all-reduced first, so every rank reports the same global figures.
         """
+        self.flush()
         stats, self.stats = self.stats, EpochStats(self.num_classes)
         k = self.num_classes
         packed = torch.tensor(np.concatenate([[stats.newly_visited, stats.skipped_nonfinite], stats.conf_sum,
@@ -293,6 +365,7 @@ class ConfidenceMemory:
         safe, and deleting (pruning) either name leaves the other intact. Files that snapshot no
         longer has are copied.
         """
+        self.flush()  # a snapshot holds every update submitted before it
         target = self.snapshot_dir(epoch)
         self.snapshot_linked = 0  # files of this snapshot that are hard links (the rest were copied)
         if self._snapshot_written == epoch and target.exists():
@@ -337,6 +410,7 @@ class ConfidenceMemory:
     def restore(self, epoch: int, checkpoint_name: str) -> dict:
         """Make the snapshot stamped ``epoch`` the live buffers; refuse anything that does not match.
         Returns the ``extra`` state stored with the snapshot (mixtures, feature statistics)."""
+        self.flush()
         source = self.snapshot_dir(epoch)
         manifest_file = source / MANIFEST
         if not manifest_file.is_file():

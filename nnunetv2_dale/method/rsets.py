@@ -76,10 +76,10 @@ def bin_centres() -> np.ndarray:
     return (edges[:-1] + edges[1:]) / 2
 
 
-def histogram(losses: torch.Tensor) -> np.ndarray:
-    """Counts of ``losses`` in the fixed bins (the running histogram adds these up)."""
+def histogram(losses: torch.Tensor, weights: torch.Tensor | None = None) -> np.ndarray:
+    """Counts (or summed ``weights``) of ``losses`` in the fixed bins (the running histogram adds these up)."""
     idx = (losses.clamp(0, L_MAX) / L_MAX * N_BINS).long().clamp(0, N_BINS - 1)
-    return torch.bincount(idx, minlength=N_BINS).double().numpy()
+    return torch.bincount(idx, weights=weights, minlength=N_BINS).double().numpy()
 
 
 def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50, tied: bool = False) -> Mixture:
@@ -116,13 +116,16 @@ def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50, 
 
 def omega_per_voxel(losses: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, mixtures: list[Mixture],
                     unknown_value: float = 1.0) -> torch.Tensor:
-    """omega from each voxel's class mixture; ``unknown_value`` where ``known`` is False."""
-    omega = torch.full(labels.shape, unknown_value)
-    for c, mixture in enumerate(mixtures):
-        sel = known & (labels == c)
-        if sel.any():
-            omega[sel] = mixture.clean_posterior(losses[sel])
-    return omega
+    """omega from each voxel's class mixture; ``unknown_value`` where ``known`` is False. Every
+    voxel's mixture parameters are gathered by its label, so the work is a few element-wise
+    operations on the tensors' device, whatever the number of classes."""
+    table = torch.tensor([[*m.weights, *m.means, *m.stds, float(m.fitted)] for m in mixtures],
+                         dtype=losses.dtype).to(losses.device, non_blocking=True)
+    w0, w1, m0, m1, s0, s1, fitted = table[labels.clamp(0, len(mixtures) - 1)].unbind(-1)
+    d0 = w0 / s0 * torch.exp(-0.5 * ((losses - m0) / s0) ** 2)
+    d1 = w1 / s1 * torch.exp(-0.5 * ((losses - m1) / s1) ** 2)
+    omega = torch.where(fitted > 0, d0 / (d0 + d1).clamp_min(1e-12), torch.ones((), device=losses.device))
+    return torch.where(known & (labels >= 0) & (labels < len(mixtures)), omega, torch.full((), unknown_value, device=losses.device))
 
 
 def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtures: list[Mixture],
@@ -152,3 +155,16 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     avg = first + (counts - 1) / 2.0 + 1
     ranks[order] = np.repeat(avg, counts)
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def boundary_band(onehot: torch.Tensor, margin: int) -> torch.Tensor:
+    """(B, 1, *S) bool: voxels within ``margin`` voxels (Chebyshev distance, in the patch) of a
+    change of the annotated label, from the (B, K, *S) one-hot label: there some class is present
+    in the voxel's (2 margin + 1) window and absent elsewhere in it. An annotator's boundary is
+    uncertain by a voxel or two on clean labels too."""
+    pool = {1: torch.nn.functional.max_pool1d, 2: torch.nn.functional.max_pool2d,
+            3: torch.nn.functional.max_pool3d}[onehot.dim() - 2]
+    size = 2 * margin + 1
+    present = pool(onehot, size, stride=1, padding=margin)
+    everywhere = -pool(-onehot, size, stride=1, padding=margin)
+    return (present - everywhere).amax(1, keepdim=True) > 0

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from torch import distributed as dist
 from nnunetv2.utilities.helpers import dummy_context
 
@@ -28,11 +30,12 @@ from nnunetv2_dale import __version__
 from nnunetv2_dale.method.alignment import FeatureAlignment
 from nnunetv2_dale.method.coords import source_indices, training_loader_with_coordinates
 from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_target, ensemble_consistency
-from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, entropy_signal, fit_mixture, loss_signal,
-                                        omega_per_voxel)
+from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
+                                        loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
-from nnunetv2_dale.method.memory import ConfidenceMemory, MemoryMismatchError, write_json_atomic
+from nnunetv2_dale.method.memory import (ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
+                                         write_json_atomic)
 from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
 from nnunetv2_dale.utilities.preflight import SetupError
 from nnunetv2_dale.method.progress import DALELocalLogger, save_buffer_picture
@@ -150,6 +153,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_fuzzy_correction = True
         self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
+        self.dale_background_writes = True
+        self.dale_boundary_margin = 0
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -211,7 +216,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         identity = {"dataset": self.plans_manager.dataset_name, "plans": self.plans_manager.plans_name,
                     "configuration": self.configuration_name, "fold": self.fold}
         memory = ConfidenceMemory(self.memory_folder, shapes, len(self.label_manager.all_labels), identity,
-                                  self.dale_ema_min_weight)
+                                  self.dale_ema_min_weight, background=self.dale_background_writes)
         ignore = self.label_manager.ignore_label
         if ignore is not None:  # source voxels with the ignore label never enter the memory
             for k in keys:
@@ -343,41 +348,54 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     @torch.no_grad()
     def rset_maps(self, batch: dict) -> RSetMaps:
-        """Per patch voxel (full resolution, CPU): omega (B,1,*S), reliable and fuzzy membership
-        (B,1,*S), the collaborative target y~ (B,K,*S), the one-hot label (B,K,*S), the temporal
-        ensemble q (B,K,*S; the one-hot label where not known) and where it is known (B,1,*S)."""
+        """Per patch voxel (full resolution, on the training device): omega (B,1,*S), reliable and
+        fuzzy membership (B,1,*S), the collaborative target y~ (B,K,*S), the one-hot label (B,K,*S),
+        the temporal ensemble q (B,K,*S; the one-hot label where not known) and where it is known
+        (B,1,*S). The host only gathers the patch's buffer values; the per-voxel math runs on the
+        device, batched over the samples."""
         labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         k = len(self.label_manager.all_labels)
         shape = labels_full.shape
-        omega = torch.ones(shape)
-        entropy = torch.zeros(shape)
-        known_full = torch.zeros(shape, dtype=torch.bool)
-        q_full = torch.zeros((shape[0], k, *shape[2:]))
-        for b, key, index, valid, labels in self._patch_voxels(batch):
-            q, visits = self.memory.read(key, index)
-            known = valid & (visits >= self.dale_min_visits)
-            lab = labels.clamp(0, k - 1)
-            om = self.label_confidence(key, index, valid, known, lab, q)
-            er = torch.where(known, entropy_signal(q), torch.zeros(()))
-            qk = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
-            onehot = torch.nn.functional.one_hot(lab, k).float()
-            qk = torch.where(known[:, None], qk, onehot)
-            omega[b] = om.reshape(shape[1:])
-            entropy[b] = er.reshape(shape[1:])
-            known_full[b] = known.reshape(shape[1:])
-            q_full[b] = qk.T.reshape(k, *shape[2:])
+        dev = self.device
+        channels = self.memory.channels
+        q_host = torch.empty((shape[0], int(np.prod(shape[1:])), channels))
+        visits_host = torch.empty((shape[0], q_host.shape[1]), dtype=torch.int64)
+        valid_host = torch.empty(visits_host.shape, dtype=torch.bool)
+        keys, indices = [], []
+        for b, key, index, valid, _ in self._patch_voxels(batch):
+            q_host[b], visits_host[b] = self.memory.read(key, index)
+            valid_host[b] = valid
+            keys.append(key)
+            indices.append(index)
+        if dev.type == "cuda":
+            q_host, visits_host, valid_host = (t.pin_memory() for t in (q_host, visits_host, valid_host))
+        q, visits, valid = (t.to(dev, non_blocking=True) for t in (q_host, visits_host, valid_host))
+        labels_dev = labels_full.to(dev, non_blocking=True)
+        lab = labels_dev.reshape(shape[0], -1).long().clamp(0, k - 1)
+        known = valid & (visits >= self.dale_min_visits)
+        omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
+                             for b, (key, index) in enumerate(zip(keys, indices))])
+        flat_q = q.reshape(-1, channels)
+        entropy = torch.where(known.reshape(-1), entropy_signal(flat_q), torch.zeros((), device=dev))
+        qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
+        onehot_flat = torch.nn.functional.one_hot(lab.reshape(-1), k).to(qk.dtype)
+        qk = torch.where(known.reshape(-1, 1), qk, onehot_flat)
+        q_full = qk.reshape(shape[0], -1, k).transpose(1, 2).reshape(shape[0], k, *shape[2:])
+        omega, entropy, known = (t.reshape(shape) for t in (omega, entropy, known))
+        onehot = torch.zeros(q_full.shape, device=dev).scatter_(1, labels_dev.long().clamp(0, k - 1), 1)
+        if self.dale_boundary_margin > 0:  # the annotated boundary's own uncertainty: labels trusted there
+            omega = torch.where(boundary_band(onehot, self.dale_boundary_margin), torch.ones((), device=dev), omega)
         if not self.dale_use_confidence:
             reliable, fuzzy, omega = 1 - entropy, entropy, torch.ones_like(omega)
         else:
             reliable, fuzzy = omega * (1 - entropy), 1 - omega
-        onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
         ignore = self.label_manager.ignore_label
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
-            counted = (labels_full != ignore).float()
+            counted = (labels_dev != ignore).float()
             reliable, fuzzy = reliable * counted, fuzzy * counted
-        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known_full)
+        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known)
 
     def label_confidence(self, key: str, index: torch.Tensor, valid: torch.Tensor, known: torch.Tensor,
                          labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -412,14 +430,50 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     @torch.no_grad()
     def update_memory(self, batch: dict, output) -> None:
-        """Scatter the batch's full-resolution softmax into the buffers of its cases."""
+        """Scatter the batch's full-resolution softmax into the buffers of its cases.
+
+        The per-voxel work (source indices, scatter-mean over repeated source voxels) runs where
+        the softmax is: on a GPU in this process, batched on the device, and only each patch's
+        distinct source voxels travel to the host, without blocking it; the host's part (buffer
+        reads and writes, statistics) runs in the memory's background writer. On the CPU all of
+        it runs in the writer."""
         if self.memory is None or "regression_target" not in batch or self.memory_frozen():
             return
         logits = output[0] if isinstance(output, (list, tuple)) else output
-        probs = torch.softmax(logits.detach().float(), 1).cpu()
-        for b, key, index, valid, labels in self._patch_voxels(batch):
-            p = probs[b].reshape(probs.shape[1], -1).T
-            self.memory.update(key, index[valid], p[valid], labels[valid])
+        probs = torch.softmax(logits.detach().float(), 1)
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        keys, shapes, coords = batch["keys"], batch["case_shapes"], batch["regression_target"]
+        ignore, channels = self.label_manager.ignore_label, self.memory.channels
+
+        def scatter() -> list[tuple[str, PatchUpdate]]:
+            dev = probs.device
+            patches = []
+            for b, key in enumerate(keys):
+                index, valid = source_indices(coords[b].to(dev, non_blocking=True), shapes[b])
+                labels = target[b].reshape(-1).to(dev, non_blocking=True).long()
+                if ignore is not None:
+                    valid &= labels != ignore
+                if valid.any():
+                    p = probs[b].reshape(probs.shape[1], -1).T
+                    patch = scatter_patch(index[valid], p[valid], labels[valid], channels)
+                    patches.append((key, patch.to("cpu", non_blocking=True)))
+            return patches
+
+        if probs.device.type == "cuda":
+            patches = scatter()
+            ready = torch.cuda.Event()
+            ready.record()
+
+            def job() -> None:
+                ready.synchronize()  # the copies to pinned host memory have landed
+                for key, patch in patches:
+                    self.memory.apply(key, patch)
+        else:
+            def job() -> None:
+                for key, patch in scatter():
+                    self.memory.apply(key, patch)
+
+        self.memory.defer(job)
 
     @torch.no_grad()
     def patch_confidence(self, batch: dict) -> list[torch.Tensor]:
@@ -480,9 +534,24 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def save_checkpoint(self, filename: str) -> None:
         """Buffers first (snapshot stamped with the checkpoint's epoch), then the checkpoint, written
         to a temporary file and renamed, so that a kill at any moment leaves every checkpoint on disk
-        with a complete snapshot of its epoch."""
+        with a complete snapshot of its epoch. A failed write stops the training with a message."""
+        try:
+            self._save_checkpoint(filename)
+        except SetupError:
+            self._stop_loaders()  # exit cleanly: the loaders' threads would otherwise die noisily at shutdown
+            raise
+
+    def _stop_loaders(self) -> None:
+        """nnU-Net's loader shutdown of ``on_train_end``."""
+        for loader in (self.dataloader_train, self.dataloader_val):
+            if isinstance(loader, (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)):
+                loader._finish()
+
+    def _save_checkpoint(self, filename: str) -> None:
         epoch = self.current_epoch + 1  # what nnU-Net stores as checkpoint['current_epoch']
         write_memory = self.memory is not None and not self.disable_checkpointing
+        if self.memory is not None:
+            self.memory.flush()  # every rank's updates are in the live files before rank 0 snapshots them
         self._barrier()
         tmp = filename + ".tmp"
         with write_failures_explained(os.path.dirname(filename), os.path.basename(filename), tmp):
@@ -519,6 +588,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             self.memory.prune({e for listed in epochs.values() for e in listed})
 
     def on_train_end(self):
+        if self.memory is not None:
+            self.memory.close()
         super().on_train_end()  # writes checkpoint_final.pth, then deletes checkpoint_latest.pth
         if self.memory is not None and self.local_rank == 0 and not self.disable_checkpointing:
             self._record_checkpoint_epoch("checkpoint_final.pth", self.current_epoch)

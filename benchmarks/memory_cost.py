@@ -1,0 +1,163 @@
+"""DALE's host time on the training loop's critical path at nnU-Net's real batch shapes (issue 15).
+
+Calls the trainer's own ``update_memory`` and ``rset_maps`` on synthetic batches of the real shapes
+(coordinate maps of a rotated and scaled crop, so that source voxels repeat as under nnU-Net's
+spatial augmentation) over memory-mapped buffers of real case sizes, and reports per iteration:
+- ``update_sync_ms``: the memory update applied in the training process (before: every update);
+- ``update_deferred_ms``: the same with the background writer (default): what the training
+  process waits, with ``--step-ms`` of simulated forward/backward between iterations (the writer
+  runs meanwhile; when it cannot keep up, the wait is the back pressure);
+- ``writer_ms``: the writer thread's own time per update (work that overlaps the step);
+- ``read_ms``: ``rset_maps`` (buffer reads, confidence, targets): still in the training process;
+  ``read_gather_ms`` of it is the host's buffer gathers, the rest is math on ``--device``.
+``host_ms`` = ``update_deferred_ms + read_ms``.
+
+    python benchmarks/memory_cost.py [--iters 8] [--step-ms 150] [--json benchmarks/memory_cost.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+SHAPES = {  # name: (case shape, batch size, patch, classes)
+    "3d_fullres 2x128^3 binary": ((160, 256, 256), 2, (128, 128, 128), 2),
+    "3d_fullres 2x128^3 4 classes": ((160, 256, 256), 2, (128, 128, 128), 4),
+    "2d 12x512^2 binary": ((24, 640, 640), 12, (1, 512, 512), 2),
+}
+
+
+def coordinates(case: tuple[int, ...], patch: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(4, *patch) source coordinates of a crop rotated by ~0.3 rad in-plane and zoomed by 1.1."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch],
+                                      indexing="ij")).reshape(3, -1)
+    a = 0.3 * (2 * torch.rand((), generator=g).item() - 1)
+    rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]]) / 1.1
+    centre = torch.tensor([(c - 1) / 2 for c in case])[:, None]
+    if patch[0] == 1:  # 2D: a random slice
+        centre[0] = float(torch.randint(case[0], (), generator=g))
+    src = rot @ grid + centre
+    valid = torch.ones(src.shape[1])
+    return torch.cat([src, valid[None]]).reshape(4, *patch)
+
+
+def make_trainer(folder: Path, case: tuple[int, ...], batch: int, classes: int, background: bool,
+                 device: torch.device):
+    """The DALE trainer's memory methods on a bare instance (no network, plans or data loaders)."""
+    from nnunetv2_dale.method.memory import ConfidenceMemory
+    from nnunetv2_dale.method.rsets import Mixture
+    from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
+
+    t = object.__new__(nnUNetTrainerDALE)
+    t.device = device
+    t.label_manager = SimpleNamespace(all_labels=list(range(classes)), ignore_label=None)
+    t.memory = ConfidenceMemory(folder, {f"case{i}": case for i in range(batch)}, classes, {"bench": 1},
+                                background=background)
+    t.memory.reset()
+    t.mixtures = [Mixture(weights=(0.9, 0.1), means=(0.1, 2.0), stds=(0.3, 0.3), fitted=True)] * classes
+    t.current_epoch, t.num_epochs, t.dale_memory_horizon = 0, 1000, 1.0
+    t.dale_min_visits, t.dale_use_confidence, t.dale_sharpen_temperature = 1, True, 0.5
+    t.dale_certain_correction = False
+    return t
+
+
+def make_batch(case, batch, patch, classes, seed) -> tuple[dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.stack([coordinates(case, patch, seed * 100 + b) for b in range(batch)])
+    if patch[0] == 1:
+        coords = coords[:, :, 0]  # 2D samples: (4, 1, Y, X) -> nnU-Net 2D batches are (B, C, Y, X)
+        shape = patch[1:]
+    else:
+        shape = patch
+    target = torch.randint(0, classes, (batch, 1, *shape), generator=g).float()
+    logits = torch.randn((batch, classes, *shape), generator=g)
+    return {"keys": [f"case{b}" for b in range(batch)], "regression_target": coords,
+            "case_shapes": [case] * batch, "target": [target]}, logits
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.device) -> dict:
+    case, batch, patch, classes = SHAPES[name]
+    out = {}
+    for background in (False, True):
+        trainer = make_trainer(workdir / f"{name.replace(' ', '_')}_{background}", case, batch, classes, background,
+                               device)
+        wait, reads, writer, gathers = [], [], [], []
+        defer, read = trainer.memory.defer, trainer.memory.read
+
+        def timed_defer(job, _defer=defer):  # the writer's own time per batch (in the thread when deferred)
+            def run():
+                t0 = time.perf_counter()
+                job()
+                writer.append(time.perf_counter() - t0)
+            _defer(run)
+
+        def timed_read(*args, _read=read):  # the host's buffer gathers inside rset_maps
+            t0 = time.perf_counter()
+            out = _read(*args)
+            gathers.append(time.perf_counter() - t0)
+            return out
+        trainer.memory.defer, trainer.memory.read = timed_defer, timed_read
+        for i in range(iters + 1):
+            b, logits = make_batch(case, batch, patch, classes, i)
+            logits = logits.to(device)
+            sync(device)
+            t0 = time.perf_counter()
+            trainer.rset_maps(b)
+            sync(device)
+            t1 = time.perf_counter()
+            trainer.update_memory(b, logits)
+            sync(device)
+            t2 = time.perf_counter()
+            time.sleep(step_ms / 1000)  # the forward/backward of the next step (waits on the GPU)
+            if i:  # the first iteration opens files and warms caches
+                reads.append(t1 - t0)
+                wait.append(t2 - t1)
+        trainer.memory.close()
+        key = "update_deferred_ms" if background else "update_sync_ms"
+        out[key] = 1000 * statistics.median(wait)
+        out.setdefault("read_ms", 1000 * statistics.median(reads))
+        out.setdefault("read_gather_ms", 1000 * sum(gathers[batch:]) / iters)  # after the first iteration
+        if background:
+            out["writer_ms"] = 1000 * statistics.median(writer[1:])
+    out["host_ms"] = out["update_deferred_ms"] + out["read_ms"]
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--step-ms", type=float, default=150.0, help="simulated GPU forward/backward per iteration")
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the network's outputs and DALE's math live")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.shapes:
+            results[name] = measure(name, args.iters, args.step_ms, Path(tmp), torch.device(args.device))
+            r = results[name]
+            print(f"{name:30s} update in-process {r['update_sync_ms']:7.0f} ms | deferred: waits {r['update_deferred_ms']:6.1f}"
+                  f" ms (writer {r['writer_ms']:6.0f} ms) | rset_maps {r['read_ms']:6.0f} ms (gathers "
+                  f"{r['read_gather_ms']:5.0f} ms) | host {r['host_ms']:6.0f} ms")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"step_ms": args.step_ms, "iters": args.iters, "torch_threads": 1,
+                                               "device": args.device,
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
