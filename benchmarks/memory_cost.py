@@ -10,7 +10,9 @@ spatial augmentation) over memory-mapped buffers of real case sizes, and reports
 - ``writer_ms``: the writer thread's own time per update (work that overlaps the step);
 - ``read_ms``: ``rset_maps`` (buffer reads, confidence, targets): still in the training process;
   ``read_gather_ms`` of it is the host's buffer gathers, the rest is math on ``--device``.
-``host_ms`` = ``update_deferred_ms + read_ms``.
+``host_ms`` = ``update_deferred_ms + read_gather_ms``: the host work on the critical path whatever
+the device; ``device_ms`` = ``read_ms - read_gather_ms``: the per-voxel math on ``--device`` (on a
+CPU device that is host time too).
 
     python benchmarks/memory_cost.py [--iters 8] [--step-ms 150] [--json benchmarks/memory_cost.json]
 """
@@ -65,7 +67,7 @@ def make_trainer(folder: Path, case: tuple[int, ...], batch: int, classes: int, 
     t.mixtures = [Mixture(weights=(0.9, 0.1), means=(0.1, 2.0), stds=(0.3, 0.3), fitted=True)] * classes
     t.current_epoch, t.num_epochs, t.dale_memory_horizon = 0, 1000, 1.0
     t.dale_min_visits, t.dale_use_confidence, t.dale_sharpen_temperature = 1, True, 0.5
-    t.dale_certain_correction = False
+    t.dale_certain_correction, t.dale_boundary_margin = False, 0
     return t
 
 
@@ -132,7 +134,8 @@ def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.
         out.setdefault("read_gather_ms", 1000 * sum(gathers[batch:]) / iters)  # after the first iteration
         if background:
             out["writer_ms"] = 1000 * statistics.median(writer[1:])
-    out["host_ms"] = out["update_deferred_ms"] + out["read_ms"]
+    out["host_ms"] = out["update_deferred_ms"] + out["read_gather_ms"]
+    out["device_ms"] = out["read_ms"] - out["read_gather_ms"]
     return out
 
 
@@ -152,7 +155,7 @@ def main() -> None:
             r = results[name]
             print(f"{name:30s} update in-process {r['update_sync_ms']:7.0f} ms | deferred: waits {r['update_deferred_ms']:6.1f}"
                   f" ms (writer {r['writer_ms']:6.0f} ms) | rset_maps {r['read_ms']:6.0f} ms (gathers "
-                  f"{r['read_gather_ms']:5.0f} ms) | host {r['host_ms']:6.0f} ms")
+                  f"{r['read_gather_ms']:5.0f} ms) | host {r['host_ms']:5.0f} ms, device {r['device_ms']:5.0f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"step_ms": args.step_ms, "iters": args.iters, "torch_threads": 1,
                                                "device": args.device,
