@@ -2,17 +2,18 @@
 
 Calls the trainer's own ``update_memory`` and ``rset_maps`` on synthetic batches of the real shapes
 (coordinate maps of a rotated and scaled crop, so that source voxels repeat as under nnU-Net's
-spatial augmentation) over memory-mapped buffers of real case sizes, and reports per iteration:
-- ``update_sync_ms``: the memory update applied in the training process (before: every update);
-- ``update_deferred_ms``: the same with the background writer (default): what the training
-  process waits, with ``--step-ms`` of simulated forward/backward between iterations (the writer
-  runs meanwhile; when it cannot keep up, the wait is the back pressure);
-- ``writer_ms``: the writer thread's own time per update (work that overlaps the step);
-- ``read_ms``: ``rset_maps`` (buffer reads, confidence, targets): still in the training process;
-  ``read_gather_ms`` of it is the host's buffer gathers, the rest is math on ``--device``.
-``host_ms`` = ``update_deferred_ms + read_gather_ms``: the host work on the critical path whatever
-the device; ``device_ms`` = ``read_ms - read_gather_ms``: the per-voxel math on ``--device`` (on a
-CPU device that is host time too).
+spatial augmentation) over memory-mapped buffers of real case sizes, and reports per iteration,
+before (everything in the training process, as up to nnunetv2-dale 0.2) and after (background
+writer, buffer reads in the loader's workers):
+- ``before_update_ms`` / ``before_gather_ms``: the update, and the buffer gathers of ``rset_maps``,
+  in the training process; ``before_host_ms`` their sum;
+- ``host_ms`` (after): what the training process waits for the deferred update (the hand-over,
+  and back pressure when the writer cannot keep up), with ``--step-ms`` of simulated
+  forward/backward between iterations; the gathers are gone from the training process;
+- ``writer_ms``: the writer thread's own time per batch, overlapping the step;
+- ``worker_read_ms``: the reads the loader's workers add per batch (``PatchReader``);
+- ``device_ms``: ``rset_maps`` with the worker's values (transfers + per-voxel math on
+  ``--device``; on a CPU device that is host time too).
 
     python benchmarks/memory_cost.py [--iters 8] [--step-ms 150] [--json benchmarks/memory_cost.json]
 """
@@ -28,6 +29,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from nnunetv2_dale.method.sampling import SAMPLING_FILE, PatchReader
 
 SHAPES = {  # name: (case shape, batch size, patch, classes)
     "3d_fullres 2x128^3 binary": ((160, 256, 256), 2, (128, 128, 128), 2),
@@ -93,10 +96,14 @@ def sync(device: torch.device) -> None:
 def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.device) -> dict:
     case, batch, patch, classes = SHAPES[name]
     out = {}
-    for background in (False, True):
-        trainer = make_trainer(workdir / f"{name.replace(' ', '_')}_{background}", case, batch, classes, background,
-                               device)
-        wait, reads, writer, gathers = [], [], [], []
+    for after in (False, True):  # before: everything in the training process; after: writer + worker reads
+        folder = workdir / f"{name.replace(' ', '_')}_{after}"
+        trainer = make_trainer(folder, case, batch, classes, after, device)
+        reader = None
+        if after:
+            (folder / SAMPLING_FILE).write_text(json.dumps({"phase": "stable", "channels": trainer.memory.channels}))
+            reader = PatchReader(folder)
+        wait, maps, writer, gathers, worker = [], [], [], [], []
         defer, read = trainer.memory.defer, trainer.memory.read
 
         def timed_defer(job, _defer=defer):  # the writer's own time per batch (in the thread when deferred)
@@ -115,6 +122,12 @@ def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.
         for i in range(iters + 1):
             b, logits = make_batch(case, batch, patch, classes, i)
             logits = logits.to(device)
+            if reader is not None:  # what the loader's workers add to the batch (off the critical path)
+                t0 = time.perf_counter()
+                got = [reader.read(k, b["regression_target"][j], case) for j, k in enumerate(b["keys"])]
+                b["dale_q"], b["dale_visits"] = torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+                if i:
+                    worker.append(time.perf_counter() - t0)
             sync(device)
             t0 = time.perf_counter()
             trainer.rset_maps(b)
@@ -125,17 +138,20 @@ def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.
             t2 = time.perf_counter()
             time.sleep(step_ms / 1000)  # the forward/backward of the next step (waits on the GPU)
             if i:  # the first iteration opens files and warms caches
-                reads.append(t1 - t0)
+                maps.append(t1 - t0)
                 wait.append(t2 - t1)
         trainer.memory.close()
-        key = "update_deferred_ms" if background else "update_sync_ms"
-        out[key] = 1000 * statistics.median(wait)
-        out.setdefault("read_ms", 1000 * statistics.median(reads))
-        out.setdefault("read_gather_ms", 1000 * sum(gathers[batch:]) / iters)  # after the first iteration
-        if background:
+        if not after:
+            out["before_update_ms"] = 1000 * statistics.median(wait)
+            out["before_gather_ms"] = 1000 * sum(gathers[batch:]) / iters
+            out["before_rset_maps_ms"] = 1000 * statistics.median(maps)
+        else:
+            out["update_wait_ms"] = 1000 * statistics.median(wait)
             out["writer_ms"] = 1000 * statistics.median(writer[1:])
-    out["host_ms"] = out["update_deferred_ms"] + out["read_gather_ms"]
-    out["device_ms"] = out["read_ms"] - out["read_gather_ms"]
+            out["worker_read_ms"] = 1000 * statistics.median(worker)
+            out["device_ms"] = 1000 * statistics.median(maps)  # rset_maps: transfers + math on --device
+    out["before_host_ms"] = out["before_update_ms"] + out["before_gather_ms"]
+    out["host_ms"] = out["update_wait_ms"]
     return out
 
 
@@ -153,9 +169,10 @@ def main() -> None:
         for name in args.shapes:
             results[name] = measure(name, args.iters, args.step_ms, Path(tmp), torch.device(args.device))
             r = results[name]
-            print(f"{name:30s} update in-process {r['update_sync_ms']:7.0f} ms | deferred: waits {r['update_deferred_ms']:6.1f}"
-                  f" ms (writer {r['writer_ms']:6.0f} ms) | rset_maps {r['read_ms']:6.0f} ms (gathers "
-                  f"{r['read_gather_ms']:5.0f} ms) | host {r['host_ms']:5.0f} ms, device {r['device_ms']:5.0f} ms")
+            print(f"{name:30s} before: update {r['before_update_ms']:6.0f} ms + gathers {r['before_gather_ms']:4.0f} ms"
+                  f" = host {r['before_host_ms']:6.0f} ms | after: host {r['host_ms']:5.1f} ms (writer "
+                  f"{r['writer_ms']:5.0f} ms, worker reads {r['worker_read_ms']:4.0f} ms) | device math "
+                  f"{r['device_ms']:5.0f} ms (before {r['before_rset_maps_ms'] - r['before_gather_ms']:5.0f} ms)")
     if args.json:
         Path(args.json).write_text(json.dumps({"step_ms": args.step_ms, "iters": args.iters, "torch_threads": 1,
                                                "device": args.device,

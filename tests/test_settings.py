@@ -172,7 +172,8 @@ def _reference_rset_maps(trainer, batch):
 
 def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypatch):
     """The batched device-side R-set maps equal the per-sample host computation they replaced
-    (4 classes, ignore label, voxels below and above the visit threshold)."""
+    (4 classes, ignore label, voxels below and above the visit threshold), whether the buffer
+    values come with the batch from the loader (workers) or are read by the trainer."""
     from nnunetv2_dale.method.rsets import Mixture
 
     trainer = _trainer_with_filled_memory(multilabel2d, monkeypatch, seed=1,
@@ -180,11 +181,19 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
     trainer.mixtures = [Mixture((0.7, 0.3), (0.3, 2.0), (0.3, 1.0), True), Mixture(),
                         Mixture((0.6, 0.4), (0.2, 1.5), (0.5, 0.8), True), Mixture((0.9, 0.1), (0.1, 3.0), (0.2, 1.0), True)]
     batch = next(trainer.dataloader_train)
-    got, want = trainer.rset_maps(batch), _reference_rset_maps(trainer, batch)
-    assert 0 < float(want[6].float().mean()) < 1  # some voxels known, some not
-    for name, g, w in zip(("omega", "reliable", "fuzzy", "soft", "onehot", "ensemble", "known"), got, want):
-        assert g.shape == w.shape and g.dtype == w.dtype, name
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+    assert "dale_q" not in batch  # before the first stable epoch the workers read nothing
+    # from a stable epoch on, the loader (the workers) reads the buffer values with the batch
+    trainer.current_epoch = next(e for e in range(trainer.num_epochs) if trainer.phase(e) == "stable")
+    trainer.on_train_epoch_start()
+    worker_batch = next(trainer.dataloader_train)
+    assert worker_batch["dale_q"].dtype == torch.float16 and worker_batch["dale_visits"].dtype == torch.uint8
+    host_batch = {k: v for k, v in worker_batch.items() if not k.startswith("dale_")}
+    for b in (batch, worker_batch, host_batch):
+        got, want = trainer.rset_maps(b), _reference_rset_maps(trainer, b)
+        assert 0 < float(want[6].float().mean()) < 1  # some voxels known, some not
+        for name, g, w in zip(("omega", "reliable", "fuzzy", "soft", "onehot", "ensemble", "known"), got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_3d_lowres_and_cascade(tmp_path):

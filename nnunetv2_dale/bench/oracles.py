@@ -29,6 +29,8 @@ from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 class _NoiseOracle(nnUNetTrainerDALE):
     """omega = 1 - (the source voxel's label was changed by the injected noise)."""
 
+    dale_overrides = {"dale_worker_reads": False}  # label_confidence needs each patch voxel's source index
+
     def on_train_start(self):
         super().on_train_start()
         raw = Path(os.environ.get("nnUNet_raw", "")) / self.plans_manager.dataset_name
@@ -63,7 +65,7 @@ class nnUNetTrainerOracleIgnore(_NoiseOracle):
     """nnU-Net's loss from epoch 0 with the changed voxels ignored (weight 0)."""
 
     use_alignment = False
-    dale_overrides = {"dale_fuzzy_sampling_share": 0.0}
+    dale_overrides = {**_NoiseOracle.dale_overrides, "dale_fuzzy_sampling_share": 0.0}
 
     def phase(self, epoch: int | None = None) -> str:
         return STABLE

@@ -52,17 +52,21 @@ class CoordinateDataLoader(nnUNetDataLoader):
     """nnU-Net's training loader plus ``regression_target`` (coordinate maps) and ``case_shapes``.
 
     Same sampling, cropping and transforms as ``nnUNetDataLoader.generate_train_batch`` in
-    nnU-Net 2.8.1; the additions are the coordinate map, the shapes of the cases, and, when a
+    nnU-Net 2.8.1; the additions are the coordinate map, the shapes of the cases, when a
     ``sampler`` (:class:`nnunetv2_dale.method.sampling.FuzzySampler`) proposes a centre, a patch centred
-    there (through nnU-Net's own ``get_bbox``).
+    there (through nnU-Net's own ``get_bbox``), and, when a ``reader``
+    (:class:`nnunetv2_dale.method.sampling.PatchReader`) has them for every sample, the buffer values
+    of the augmented patches' source voxels: ``dale_q`` (B, N, channels) float16 and
+    ``dale_visits`` (B, N) uint8, N voxels per patch.
     """
 
     sampler = None
+    reader = None
 
     def generate_train_batch(self) -> dict:
         selected_keys = self.get_indices()
         data_all = seg_all = coords_all = None
-        shapes = []
+        shapes, reads = [], []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(selected_keys):
                 force_fg = self.get_do_oversample(j)
@@ -97,17 +101,23 @@ class CoordinateDataLoader(nnUNetDataLoader):
                                if isinstance(seg, list) else torch.empty((self.batch_size, *seg.shape), dtype=seg.dtype))
                 data_all[j] = sample["image"]
                 coords_all[j] = sample["regression_target"]
+                if self.reader is not None:
+                    reads.append(self.reader.read(key, sample["regression_target"], shapes[-1]))
                 if isinstance(seg_all, list):
                     for s_idx, s in enumerate(sample["segmentation"]):
                         seg_all[s_idx][j] = s
                 else:
                     seg_all[j] = sample["segmentation"]
-        return {"data": data_all, "target": seg_all, "keys": selected_keys, "regression_target": coords_all,
-                "case_shapes": shapes}
+        batch = {"data": data_all, "target": seg_all, "keys": selected_keys, "regression_target": coords_all,
+                 "case_shapes": shapes}
+        if reads and all(r is not None for r in reads):
+            batch["dale_q"] = torch.stack([r[0] for r in reads])
+            batch["dale_visits"] = torch.stack([r[1] for r in reads])
+        return batch
 
 
 @contextlib.contextmanager
-def training_loader_with_coordinates(sampler=None) -> Iterator[None]:
+def training_loader_with_coordinates(sampler=None, reader=None) -> Iterator[None]:
     """While active, nnU-Net's ``get_dataloaders`` builds :class:`CoordinateDataLoader` for training.
 
     ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by its module-level name; the
@@ -125,7 +135,7 @@ def training_loader_with_coordinates(sampler=None) -> Iterator[None]:
         built.append(cls.__name__)
         loader = cls(*args, **kwargs)
         if cls is CoordinateDataLoader:
-            loader.sampler = sampler
+            loader.sampler, loader.reader = sampler, reader
         return loader
 
     trainer_module.nnUNetDataLoader = factory

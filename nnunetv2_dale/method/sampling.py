@@ -1,12 +1,14 @@
-"""Fuzzy-biased patch sampling for fuzzy phases (DESIGN.md 1.3).
+"""What the data-augmentation workers do with the memory: fuzzy-biased patch sampling for fuzzy
+phases (DESIGN.md 1.3) and reading each patch's buffer values with the batch (issue 15).
 
-The data-augmentation workers are forked processes: they cannot see the trainer's state, but they
-can read files. At every epoch start the trainer writes ``dale_memory/sampling.json`` (phase,
-share of fuzzy-biased samples, the per-class mixtures); the training loader reads it (cached by
-modification time). In a fuzzy phase, that share of a batch's samples is centred on a voxel drawn
-from ``candidates`` random voxels of the case with probability proportional to its fuzzy
-membership 1 - omega (omega from the memory buffers, which are files the workers can read);
-the rest, and every sample in other phases, use nnU-Net's own sampling.
+The workers are forked processes: they cannot see the trainer's state, but they can read files. At
+every epoch start the trainer writes ``dale_memory/sampling.json`` (phase, share of fuzzy-biased
+samples, the per-class mixtures); the training loader reads it (cached by modification time). In a
+fuzzy phase, that share of a batch's samples is centred on a voxel drawn from ``candidates`` random
+voxels of the case with probability proportional to its fuzzy membership 1 - omega (omega from the
+memory buffers, which are files the workers can read); the rest, and every sample in other phases,
+use nnU-Net's own sampling. After the warm-up, :class:`PatchReader` reads the q and visit counts
+of every augmented patch's source voxels in the worker, so the training process does not.
 """
 from __future__ import annotations
 
@@ -17,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunetv2_dale.method.coords import source_indices
 from nnunetv2_dale.method.rsets import Mixture, loss_signal, omega_per_voxel
 
 SAMPLING_FILE = "sampling.json"
 
 
-class FuzzySampler:
-    """Reads the trainer's sampling settings and proposes fuzzy patch centres."""
+class SettingsFile:
+    """The trainer's ``sampling.json``, as the workers see it (re-read when it changes)."""
 
-    def __init__(self, memory_folder: str | os.PathLike, candidates: int = 256) -> None:
+    def __init__(self, memory_folder: str | os.PathLike) -> None:
         self.folder = Path(memory_folder)
-        self.candidates = candidates
         self._mtime = None
         self._settings: dict = {}
         self._mixtures: list[Mixture] = []
@@ -46,6 +48,37 @@ class FuzzySampler:
             self._mixtures = [Mixture.from_dict(m) for m in self._settings.get("mixtures", [])]
             self._mtime = mtime
         return self._settings
+
+
+class PatchReader(SettingsFile):
+    """Reads, in the worker, the buffer values of an augmented patch's source voxels."""
+
+    def read(self, key: str, coords: torch.Tensor, case_shape: tuple[int, ...]
+             ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(q (N, channels) float16, visit counts (N,) uint8, 0 where the patch voxel has no valid
+        source voxel) for one sample's transformed coordinate map, or None before the first
+        stable or fuzzy epoch, or while the buffers are being replaced (the trainer reads then)."""
+        s = self.settings()
+        if s.get("phase", "warmup") == "warmup" or "channels" not in s:
+            return None
+        index, valid = source_indices(coords, case_shape)
+        n, where = int(np.prod(case_shape)), index.numpy()
+        live = self.folder / "live"
+        try:
+            q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n, s["channels"]))[where]
+            visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[where]
+        except (FileNotFoundError, ValueError):
+            return None
+        visits[~valid.numpy()] = 0
+        return torch.from_numpy(q), torch.from_numpy(visits)
+
+
+class FuzzySampler(SettingsFile):
+    """Reads the trainer's sampling settings and proposes fuzzy patch centres."""
+
+    def __init__(self, memory_folder: str | os.PathLike, candidates: int = 256) -> None:
+        super().__init__(memory_folder)
+        self.candidates = candidates
 
     def propose(self, key: str, seg: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
         """A (z, y, x) centre for a fuzzy-biased patch of case ``key``, or None (use nnU-Net's)."""

@@ -32,7 +32,7 @@ from nnunetv2_dale.method.coords import source_indices, training_loader_with_coo
 from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_target, ensemble_consistency
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
                                         loss_signal, omega_per_voxel)
-from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler
+from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
 from nnunetv2_dale.method.memory import (ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
                                          write_json_atomic)
@@ -154,6 +154,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
         self.dale_background_writes = True
+        self.dale_worker_reads = True
         self.dale_boundary_margin = 0
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
@@ -199,7 +200,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def get_dataloaders(self):
         sampler = FuzzySampler(self.memory_folder) if self.dale_fuzzy_sampling_share > 0 else None
-        with training_loader_with_coordinates(sampler):
+        reader = PatchReader(self.memory_folder) if self.dale_worker_reads else None
+        with training_loader_with_coordinates(sampler, reader):
             return super().get_dataloaders()
 
     def on_train_epoch_start(self):
@@ -351,27 +353,36 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         """Per patch voxel (full resolution, on the training device): omega (B,1,*S), reliable and
         fuzzy membership (B,1,*S), the collaborative target y~ (B,K,*S), the one-hot label (B,K,*S),
         the temporal ensemble q (B,K,*S; the one-hot label where not known) and where it is known
-        (B,1,*S). The host only gathers the patch's buffer values; the per-voxel math runs on the
-        device, batched over the samples."""
+        (B,1,*S). The augmentation workers read the patch's buffer values with the batch
+        (``dale_q``, ``dale_visits``; ``dale_worker_reads``), or else the host gathers them here; the
+        per-voxel math runs on the device, batched over the samples. ``label_confidence`` gets
+        each voxel's source index only in the second case (None otherwise)."""
         labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         k = len(self.label_manager.all_labels)
         shape = labels_full.shape
         dev = self.device
         channels = self.memory.channels
-        q_host = torch.empty((shape[0], int(np.prod(shape[1:])), channels))
-        visits_host = torch.empty((shape[0], q_host.shape[1]), dtype=torch.int64)
-        valid_host = torch.empty(visits_host.shape, dtype=torch.bool)
-        keys, indices = [], []
-        for b, key, index, valid, _ in self._patch_voxels(batch):
-            q_host[b], visits_host[b] = self.memory.read(key, index)
-            valid_host[b] = valid
-            keys.append(key)
-            indices.append(index)
+        keys, indices = list(batch["keys"]), [None] * shape[0]
+        if "dale_q" in batch:  # read by the augmentation workers (0 visits where no valid source voxel)
+            q_host, visits_host = batch["dale_q"], batch["dale_visits"]
+            valid_host = visits_host > 0
+        else:
+            q_host = torch.empty((shape[0], int(np.prod(shape[1:])), channels))
+            visits_host = torch.empty((shape[0], q_host.shape[1]), dtype=torch.int64)
+            valid_host = torch.empty(visits_host.shape, dtype=torch.bool)
+            for b, key, index, valid, _ in self._patch_voxels(batch):
+                q_host[b], visits_host[b] = self.memory.read(key, index)
+                valid_host[b] = valid
+                indices[b] = index
         if dev.type == "cuda":
             q_host, visits_host, valid_host = (t.pin_memory() for t in (q_host, visits_host, valid_host))
         q, visits, valid = (t.to(dev, non_blocking=True) for t in (q_host, visits_host, valid_host))
+        q = q.float()
         labels_dev = labels_full.to(dev, non_blocking=True)
         lab = labels_dev.reshape(shape[0], -1).long().clamp(0, k - 1)
+        ignore = self.label_manager.ignore_label
+        if ignore is not None:  # ignored voxels never count as known (the host path drops them from valid)
+            valid = valid & (labels_dev.reshape(shape[0], -1) != ignore)
         known = valid & (visits >= self.dale_min_visits)
         omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
                              for b, (key, index) in enumerate(zip(keys, indices))])
@@ -391,7 +402,6 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable, fuzzy = omega * (1 - entropy), 1 - omega
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
-        ignore = self.label_manager.ignore_label
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
             counted = (labels_dev != ignore).float()
             reliable, fuzzy = reliable * counted, fuzzy * counted
