@@ -25,6 +25,18 @@ from nnunetv2_dale.method.rsets import Mixture, loss_signal, omega_per_voxel
 SAMPLING_FILE = "sampling.json"
 
 
+def read_live_buffers(live: Path, key: str, n: int, channels: int, where: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(q float16 (len, channels), visits uint8) of case ``key`` at flat indices ``where``, read
+    from the live buffer files; None while they are missing or being replaced."""
+    try:
+        q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n, channels))[where]
+        visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[where]
+    except (FileNotFoundError, ValueError):
+        return None
+    return q, visits
+
+
 class SettingsFile:
     """The trainer's ``sampling.json``, as the workers see it (re-read when it changes)."""
 
@@ -64,11 +76,10 @@ class PatchReader(SettingsFile):
         index, valid = source_indices(coords, case_shape)
         n, where = int(np.prod(case_shape)), index.numpy()
         live = self.folder / "live"
-        try:
-            q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n, s["channels"]))[where]
-            visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[where]
-        except (FileNotFoundError, ValueError):
+        got = read_live_buffers(live, key, n, s["channels"], where)
+        if got is None:
             return None
+        q, visits = got
         visits[~valid.numpy()] = 0
         return torch.from_numpy(q), torch.from_numpy(visits)
 
@@ -90,11 +101,10 @@ class FuzzySampler(SettingsFile):
         channels = s["channels"]
         live = self.folder / "live"
         idx = np.sort(rng.integers(0, n, size=self.candidates))
-        try:
-            q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n, channels))[idx].astype(np.float32)
-            visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[idx]
-        except (FileNotFoundError, ValueError):
+        got = read_live_buffers(live, key, n, channels, idx)
+        if got is None:
             return None
+        q, visits = got[0].astype(np.float32), got[1]
         labels = np.asarray(seg[0]).reshape(-1)[idx].astype(np.int64).clip(0, len(self._mixtures) - 1)
         qk = np.concatenate([1 - q, q], 1) if channels == 1 else q
         losses = loss_signal(torch.from_numpy(qk[np.arange(len(idx)), labels]))

@@ -391,9 +391,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
         onehot_flat = torch.nn.functional.one_hot(lab.reshape(-1), k).to(qk.dtype)
         qk = torch.where(known.reshape(-1, 1), qk, onehot_flat)
-        q_full = qk.reshape(shape[0], -1, k).transpose(1, 2).reshape(shape[0], k, *shape[2:])
+        q_full, onehot = (t.reshape(shape[0], -1, k).transpose(1, 2).reshape(shape[0], k, *shape[2:])
+                          for t in (qk, onehot_flat))
         omega, entropy, known = (t.reshape(shape) for t in (omega, entropy, known))
-        onehot = torch.zeros(q_full.shape, device=dev).scatter_(1, labels_dev.long().clamp(0, k - 1), 1)
         if self.dale_boundary_margin > 0:  # the annotated boundary's own uncertainty: labels trusted there
             omega = torch.where(boundary_band(onehot, self.dale_boundary_margin), torch.ones((), device=dev), omega)
         if not self.dale_use_confidence:
