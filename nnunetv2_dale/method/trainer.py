@@ -231,6 +231,14 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def on_train_start(self):
         super().on_train_start()
+        try:
+            self._start_memory()
+        except SetupError:
+            self._stop_loaders()  # super() started them: exit with the message, not their shutdown tracebacks
+            raise
+
+    def _start_memory(self) -> None:
+        """Build the buffers, then reset them or restore the checkpoint's snapshot."""
         self.memory = self._build_memory()
         if self.local_rank == 0:
             with write_failures_explained(self.memory_folder, "the DALE buffers"):
