@@ -103,8 +103,21 @@ def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.
         if after:
             (folder / SAMPLING_FILE).write_text(json.dumps({"phase": "stable", "channels": trainer.memory.channels}))
             reader = PatchReader(folder)
-        wait, maps, writer, gathers, worker = [], [], [], [], []
+        wait, maps, writer, gathers, worker, applied = [], [], [], [], [], []
         defer, read = trainer.memory.defer, trainer.memory.read
+        memory = trainer.memory
+        if hasattr(memory, "apply_batch"):  # the writer's host part, the part a GPU run keeps on the host
+            def timed_apply_batch(patches, _apply=memory.apply_batch):
+                t0 = time.perf_counter()
+                _apply(patches)
+                applied.append(time.perf_counter() - t0)
+            memory.apply_batch = timed_apply_batch
+        else:  # code before apply_batch: one apply per patch, in sequence (summed per batch below)
+            def timed_apply(key, patch, _apply=memory.apply):
+                t0 = time.perf_counter()
+                _apply(key, patch)
+                applied.append(time.perf_counter() - t0)
+            memory.apply = timed_apply
 
         def timed_defer(job, _defer=defer):  # the writer's own time per batch (in the thread when deferred)
             def run():
@@ -148,6 +161,9 @@ def measure(name: str, iters: int, step_ms: float, workdir: Path, device: torch.
         else:
             out["update_wait_ms"] = 1000 * statistics.median(wait)
             out["writer_ms"] = 1000 * statistics.median(writer[1:])
+            per_batch = len(applied) // (iters + 1)  # 1 (apply_batch) or one per patch
+            sums = [sum(applied[i:i + per_batch]) for i in range(0, len(applied), per_batch)]
+            out["apply_ms"] = 1000 * statistics.median(sums[1:])
             out["worker_read_ms"] = 1000 * statistics.median(worker)
             out["device_ms"] = 1000 * statistics.median(maps)  # rset_maps: transfers + math on --device
     out["before_host_ms"] = out["before_update_ms"] + out["before_gather_ms"]
@@ -171,7 +187,7 @@ def main() -> None:
             r = results[name]
             print(f"{name:30s} before: update {r['before_update_ms']:6.0f} ms + gathers {r['before_gather_ms']:4.0f} ms"
                   f" = host {r['before_host_ms']:6.0f} ms | after: host {r['host_ms']:5.1f} ms (writer "
-                  f"{r['writer_ms']:5.0f} ms, worker reads {r['worker_read_ms']:4.0f} ms) | device math "
+                  f"{r['writer_ms']:5.0f} ms, of which host apply {r['apply_ms']:5.0f} ms, worker reads {r['worker_read_ms']:4.0f} ms) | device math "
                   f"{r['device_ms']:5.0f} ms (before {r['before_rset_maps_ms'] - r['before_gather_ms']:5.0f} ms)")
     if args.json:
         Path(args.json).write_text(json.dumps({"step_ms": args.step_ms, "iters": args.iters, "torch_threads": 1,

@@ -28,7 +28,9 @@ import errno
 import json
 import os
 import shutil
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from nnunetv2_dale.method.rsets import N_BINS, agreement_with_label, histogram, loss_signal
+from nnunetv2_dale.method.rsets import EPS, L_MAX, N_BINS
 from nnunetv2_dale.method.writer import BackgroundWriter
 
 MANIFEST = "manifest.json"
@@ -62,6 +64,36 @@ class EpochStats:
         self.conf_sum = np.zeros(self.num_classes, dtype=np.float64)
         self.conf_cnt = np.zeros(self.num_classes, dtype=np.float64)
         self.loss_hist = np.zeros((self.num_classes, N_BINS), dtype=np.float64)
+
+    def merge(self, other: "EpochStats") -> None:
+        self.newly_visited += other.newly_visited
+        self.skipped_nonfinite += other.skipped_nonfinite
+        self.conf_sum += other.conf_sum
+        self.conf_cnt += other.conf_cnt
+        self.loss_hist += other.loss_hist
+
+    def add(self, q: np.ndarray, labels: np.ndarray, hits: np.ndarray) -> None:
+        """Fold updated source voxels in: q (M, channels) after the update, their labels (M,) and
+        how many patch voxels mapped to each (M,, the weights). One bincount per statistic: the
+        per-class selections this replaces were most of the host time of an update."""
+        k = self.num_classes
+        lab = labels.astype(np.intp)
+        inside = None
+        if lab.size and (lab.min() < 0 or lab.max() >= k):  # counted as the nearest class, kept out of the histogram
+            inside = (lab >= 0) & (lab < k)
+            lab = np.minimum(np.maximum(lab, 0), k - 1)
+        if q.shape[1] == 1:  # q[y] = q if y == 1 else 1 - q, without a select
+            agreement = (1 - lab).astype(np.float32) + (2 * lab - 1).astype(np.float32) * q[:, 0]
+        else:
+            agreement = np.take_along_axis(q, lab[:, None], 1)[:, 0]
+        weights = hits.astype(np.float64)
+        self.conf_sum += np.bincount(lab, weights=agreement * weights, minlength=k)
+        self.conf_cnt += np.bincount(lab, weights=weights, minlength=k)
+        losses = -np.log(np.minimum(np.maximum(agreement, np.float32(EPS)), np.float32(1)))
+        cell = lab * N_BINS + np.minimum((losses * np.float32(N_BINS / L_MAX)).astype(np.intp), N_BINS - 1)
+        if inside is not None:
+            cell, weights = cell[inside], weights[inside]
+        self.loss_hist += np.bincount(cell, weights=weights, minlength=k * N_BINS).reshape(k, N_BINS)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -168,6 +200,8 @@ class ConfidenceMemory:
         self.excluded_dir = self.root / "excluded"
         self._excluded_counts: dict[str, int] = {}  # case -> ignore-label voxels (a bitmask file when > 0)
         self._writer = BackgroundWriter() if background else None
+        self._pool = ThreadPoolExecutor(min(8, os.cpu_count() or 1), "dale-memory-apply") if background else None
+        self._stats_lock = threading.Lock()
 
     # ------------------------------------------------------ background writes
     def defer(self, job: Callable[[], None]) -> None:
@@ -188,6 +222,9 @@ class ConfidenceMemory:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown()
 
     # ----------------------------------------------------------------- files
     def _q_path(self, folder: Path, key: str) -> Path:
@@ -285,29 +322,43 @@ class ConfidenceMemory:
         if patch.index.numel() == 0:
             return
         if not torch.isfinite(patch.mean).all():  # a non-finite softmax makes its source voxel's mean non-finite
-            self.stats.skipped_nonfinite += 1
+            with self._stats_lock:
+                self.stats.skipped_nonfinite += 1
             return
         where, mean = patch.index.numpy(), patch.mean.float().numpy()
         q, c = self._open(key)
         try:
             old_q = q[where].astype(np.float32)
-            old_n = c[where].astype(np.int64)
-            weight = np.maximum(1.0 / (old_n + 1.0), self.ema_min_weight)[:, None]
-            new_q = (1 - weight) * old_q + weight * mean
+            old_n = c[where]
+            weight = np.maximum(np.float32(1) / (old_n.astype(np.float32) + 1), np.float32(self.ema_min_weight))[:, None]
+            new_q = old_q + weight * (mean - old_q)
             q[where] = new_q.astype(np.float16)
-            c[where] = np.minimum(old_n + 1, MAX_COUNT).astype(np.uint8)
+            c[where] = np.minimum(old_n.astype(np.int16) + 1, MAX_COUNT).astype(np.uint8)
         finally:
             del q, c
-        self.stats.newly_visited += int((old_n == 0).sum())
-        labels, hits = patch.labels.long(), patch.hits.double()
-        agreement = agreement_with_label(torch.from_numpy(new_q), labels, self.num_classes).double()
-        losses = loss_signal(agreement)
-        for k in range(self.num_classes):
-            sel = labels == k
-            self.stats.loss_hist[k] += histogram(losses[sel], hits[sel])
-        lab = labels.clamp(0, self.num_classes - 1).numpy()
-        self.stats.conf_sum += np.bincount(lab, weights=(agreement * hits).numpy(), minlength=self.num_classes)
-        self.stats.conf_cnt += np.bincount(lab, weights=hits.numpy(), minlength=self.num_classes)
+        part = EpochStats(self.num_classes, newly_visited=int((old_n == 0).sum()))
+        part.add(new_q, patch.labels.numpy(), patch.hits.numpy())
+        with self._stats_lock:
+            self.stats.merge(part)
+
+    def apply_batch(self, patches: list[tuple[str, "PatchUpdate"]]) -> None:
+        """``apply`` for a batch's patches: in order within a case, cases side by side on the
+        writer's thread pool (numpy's buffer gathers and scatters release the GIL), so a batch of
+        B cases costs about one case's time where cores are free."""
+        groups: dict[str, list[PatchUpdate]] = {}
+        for key, patch in patches:
+            groups.setdefault(key, []).append(patch)
+
+        def run(key: str) -> None:
+            for patch in groups[key]:
+                self.apply(key, patch)
+
+        if self._pool is None or len(groups) < 2:
+            for key in groups:
+                run(key)
+            return
+        for future in [self._pool.submit(run, key) for key in groups]:
+            future.result()  # raises the first failure: the writer hands it to the training process
 
     def read(self, key: str, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(q as (N, channels) float32, visit counts (N,)) at the given flat source indices."""

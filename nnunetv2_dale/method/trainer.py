@@ -484,12 +484,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
             def job() -> None:
                 ready.synchronize()  # the copies to pinned host memory have landed
-                for key, patch in patches:
-                    self.memory.apply(key, patch)
+                self.memory.apply_batch(patches)
         else:
             def job() -> None:
-                for key, patch in scatter():
-                    self.memory.apply(key, patch)
+                self.memory.apply_batch(scatter())
 
         self.memory.defer(job)
 
