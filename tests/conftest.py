@@ -98,11 +98,11 @@ def tiny3d(tmp_path_factory):
 @pytest.fixture(scope="session")
 def aniso3d(tmp_path_factory):
     """6 noisy anisotropic 3D phantoms (8 x 40 x 40 voxels, spacing 4 x 1 x 1): nnU-Net plans
-    dummy-2D augmentation for them."""
+    dummy-2D augmentation for them. Also planned for 2d (slices of a 3D case)."""
     tree = NNUNetTree(tmp_path_factory.mktemp("nnunet_aniso"))
     raw = make_phantom_dataset(tree.raw / "Dataset983_Aniso3D", dim=3, num_train=6, num_test=1,
                                noise=NoiseSpec(markov_steps=40), seed=983, shape=(8, 40, 40), spacing=(4.0, 1.0, 1.0))
-    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "983", "-c", "3d_fullres", "-np", "1"], tree.env())
+    run([tool("nnUNetv2_plan_and_preprocess"), "-d", "983", "-c", "3d_fullres", "2d", "-np", "1"], tree.env())
     return tree, 983, raw
 
 

@@ -12,6 +12,13 @@ from nnunetv2_dale.method.coords import crop_coordinates, source_indices
 pytestmark = pytest.mark.slow
 
 
+def test_crop_coordinates_match_a_meshgrid_reference():
+    bbox, shape = [[-3, 6], [2, 11], [-1, 4]], (4, 8, 3)
+    grids = np.meshgrid(*[np.arange(lo, hi) for lo, hi in bbox], indexing="ij")
+    valid = np.prod([(g >= 0) & (g <= n - 1) for g, n in zip(grids, shape)], axis=0)
+    np.testing.assert_array_equal(crop_coordinates(bbox, shape).numpy(), np.stack([g * valid for g in grids] + [valid]))
+
+
 def test_crop_coordinates_mark_padding():
     coords = crop_coordinates([[-2, 3], [0, 2], [4, 7]], (2, 5, 5))
     assert coords.shape == (4, 5, 2, 3)
@@ -52,10 +59,12 @@ def _check_mapping(trainer, batches: int = 12) -> tuple[float, float, bool]:
     return agree / total, float(np.mean(correlations)), saw_geometry
 
 
-@pytest.mark.parametrize("which", ["2d", "3d_fullres", "dummy2d"])
+@pytest.mark.parametrize("which", ["2d", "3d_fullres", "dummy2d", "2d_slices"])
 def test_augmented_patches_map_to_source_voxels(which, request, monkeypatch):
+    """``2d_slices``: the 2d configuration of a 3D dataset, where the slice index (not sent
+    through the transforms) must come back right."""
     fixture, configuration = {"2d": ("tiny2d", "2d"), "3d_fullres": ("tiny3d", "3d_fullres"),
-                              "dummy2d": ("aniso3d", "3d_fullres")}[which]
+                              "dummy2d": ("aniso3d", "3d_fullres"), "2d_slices": ("aniso3d", "2d")}[which]
     tree, did, _ = request.getfixturevalue(fixture)
     trainer = inprocess_trainer(tree, did, configuration, monkeypatch)
     if which == "dummy2d":

@@ -61,21 +61,30 @@ def killed_run(args: list[str], env: dict[str, str], kill: tuple[str, int, str] 
 
 def assert_consistent(fold: Path, note: str) -> dict[str, int]:
     """Every checkpoint file loads and has a complete snapshot of its epoch whose bytes match the
-    manifest's checksums; the epoch record lists every checkpoint's epoch. Returns name -> epoch."""
+    manifest's checksums, and the epoch record lists every checkpoint's epoch; except a
+    checkpoint_best recorded without buffers, allowed only beside a checkpoint_latest or
+    checkpoint_final (which ``--c`` loads first). Returns name -> epoch."""
     memory = fold / "dale_memory"
     found = {}
-    for checkpoint in sorted(fold.glob("checkpoint_*.pth")):
+    checkpoints = sorted(fold.glob("checkpoint_*.pth"))
+    record_file = memory / "checkpoint_epochs.json"
+    record = json.loads(record_file.read_text()) if checkpoints and record_file.is_file() else {}
+    for checkpoint in checkpoints:
         epoch = torch.load(checkpoint, map_location="cpu", weights_only=False)["current_epoch"]
         found[checkpoint.name] = epoch
+        if checkpoint.name == "checkpoint_best.pth" and record.get(checkpoint.name) == []:
+            assert {"checkpoint_latest.pth", "checkpoint_final.pth"} & {c.name for c in checkpoints}, \
+                (note, "checkpoint_best without buffers and no checkpoint that has them")
+            continue
         snapshot = memory / f"snapshot_epoch_{epoch:04d}"
+        assert (snapshot / "manifest.json").is_file(), (note, checkpoint.name, epoch, record, sorted(os.listdir(memory)))
         manifest = json.loads((snapshot / "manifest.json").read_text())
         assert manifest["epoch"] == epoch and len(manifest["crc32"]) == 2 * len(manifest["cases"]), note
         for name, crc in manifest["crc32"].items():
             assert zlib.crc32((snapshot / name).read_bytes()) == crc, (note, name)
-    if found:
-        record = json.loads((memory / "checkpoint_epochs.json").read_text())
-        for name, epoch in found.items():
-            assert epoch in record.get(name, []), (note, name, epoch, record)
+    for name, epoch in found.items():
+        assert epoch in record.get(name, []) or (name == "checkpoint_best.pth" and record.get(name) == []), \
+            (note, name, epoch, record)
     return found
 
 
@@ -121,7 +130,8 @@ def test_kills_at_every_write_leave_a_resumable_fold(crash_tree):
     assert len(logged["dale_visited_fraction"]) == len(logged["train_losses"]) == 5  # one entry per epoch, no gaps
     assert not [p for p in fold.rglob("*") if re.search(r"\.(tmp|stale|old)$", p.name)], "temporaries left behind"
     kept = {int(p.name[-4:]) for p in (fold / "dale_memory").glob("snapshot_epoch_*")}
-    assert kept == set(final.values())  # pruned to the checkpoints that exist
+    record = json.loads((fold / "dale_memory" / "checkpoint_epochs.json").read_text())
+    assert kept == {e for listed in record.values() for e in listed} == {final["checkpoint_final.pth"]}, record
 
     # a damaged buffer file (disk, copy, hand edit) is refused with a message and never used
     victim = next((fold / "dale_memory" / "snapshot_epoch_0005").glob("*.q.f16"))

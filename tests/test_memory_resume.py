@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -70,3 +71,24 @@ def test_kill_resume_restores_checkpoint_buffers(tiny2d, monkeypatch):
     proc = run(train + ["--c"], env, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "checkpoint_final.pth is from epoch 3" in proc.stderr and "no DALE buffers" in proc.stderr
+
+
+def test_checkpoint_best_skips_buffers_once_latest_has_them(tiny2d):
+    """nnU-Net writes checkpoint_best whenever its EMA pseudo Dice improves; once checkpoint_latest
+    has a snapshot, --c never loads checkpoint_best, so checkpoint_best gets no copy of the buffers.
+    Resuming from it alone is refused with a message that says why."""
+    tree, did, _ = tiny2d
+    env = tree.env(nnUNet_DALE_epochs="3", nnUNet_DALE_iters="4", nnUNet_DALE_val_iters="1", nnUNet_DALE_save_every="1")
+    train = [tool("nnUNetv2_train"), str(did), "2d", "1", "-tr", TRAINER, "-device", "cpu"]
+    out = run(train, env).stdout
+    fold = next(tree.results.glob(f"*/{TRAINER}__nnUNetPlans__2d/fold_1"))
+    assert (fold / "checkpoint_best.pth").exists() and (fold / "checkpoint_final.pth").exists()
+    assert "checkpoint_best.pth is now written without a buffer snapshot" in out
+    recorded = json.loads((fold / "dale_memory" / "checkpoint_epochs.json").read_text())
+    assert recorded["checkpoint_best.pth"] == [] and recorded["checkpoint_final.pth"] == [3], recorded
+    assert sorted(p.name for p in (fold / "dale_memory").glob("snapshot_epoch_*")) == ["snapshot_epoch_0003"]
+
+    (fold / "checkpoint_final.pth").unlink()  # --c now falls back to checkpoint_best
+    proc = run(train + ["--c"], env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "checkpoint_best.pth is written without DALE buffers" in proc.stderr

@@ -24,13 +24,24 @@ VALID_THRESHOLD = 0.999
 
 
 def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...]) -> torch.Tensor:
-    """(4, *crop) float32 map of the voxel coordinates of ``bbox`` in a case of ``case_shape``."""
+    """(4, *crop) float32 map of the voxel coordinates of ``bbox`` in a case of ``case_shape``,
+    0 outside the case, with the validity channel last. Built by broadcasting per-axis vectors
+    (one pass per channel: this runs for every sample in the augmentation workers)."""
     axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in bbox]
-    grids = torch.meshgrid(*axes, indexing="ij")
-    valid = torch.ones_like(grids[0])
-    for g, n in zip(grids, case_shape):
-        valid *= ((g >= 0) & (g <= n - 1)).float()
-    return torch.stack([g * valid for g in grids] + [valid])
+    inside = [((a >= 0) & (a <= n - 1)).float() for a, n in zip(axes, case_shape)]
+    dims = len(axes)
+
+    def along(vector: torch.Tensor, axis: int) -> torch.Tensor:
+        return vector.reshape([-1 if d == axis else 1 for d in range(dims)])
+
+    out = torch.empty((dims + 1, *(len(a) for a in axes)), dtype=torch.float32)
+    valid = out[dims]
+    valid.copy_(along(inside[0], 0).expand_as(valid))
+    for axis in range(1, dims):
+        valid.mul_(along(inside[axis], axis))
+    for axis in range(dims):
+        torch.mul(valid, along(axes[axis], axis), out=out[axis])
+    return out
 
 
 def source_indices(coords: torch.Tensor, case_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,11 +99,16 @@ class CoordinateDataLoader(nnUNetDataLoader):
                         crop_and_pad_nd(seg_prev, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
                     seg_cropped = torch.cat((seg_cropped, seg_prev_cropped[None]), dim=0)
                 coords = crop_coordinates(bbox, shapes[-1])
-                if self.patch_size_was_2d:
-                    data_cropped, seg_cropped, coords = data_cropped[:, 0], seg_cropped[:, 0], coords[:, 0]
+                slice_index = None
+                if self.patch_size_was_2d:  # the slice's z is constant: it does not go through the transforms
+                    data_cropped, seg_cropped = data_cropped[:, 0], seg_cropped[:, 0]
+                    slice_index, coords = float(bbox[0][0]), coords[1:, 0]
                 sample = {"image": data_cropped, "segmentation": seg_cropped, "regression_target": coords}
                 if self.transforms is not None:
                     sample = self.transforms(**sample)
+                if slice_index is not None:  # z * validity, as if it had been transformed with the rest
+                    moved = sample["regression_target"]
+                    sample["regression_target"] = torch.cat([moved[-1:] * slice_index, moved])
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
                     coords_all = torch.empty((self.batch_size, *sample["regression_target"].shape), dtype=torch.float32)

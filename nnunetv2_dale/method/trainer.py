@@ -42,6 +42,7 @@ from nnunetv2_dale.method.progress import DALELocalLogger, save_buffer_picture
 
 MEMORY_FOLDER = "dale_memory"
 CHECKPOINT_EPOCHS = "checkpoint_epochs.json"
+BEST, LATEST = "checkpoint_best.pth", "checkpoint_latest.pth"
 TORCH_WRITE_ERRORS = ("inline_container", "PytorchStreamWriter", "file write failed")  # torch.save's zip writer
 
 
@@ -169,6 +170,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.memory: ConfidenceMemory | None = None
         self._dale_restore: tuple[int, str] | None = None
         self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
+        self._best_without_buffers = False  # said in the log once
         self._skipped_steps = 0
         self.logger.local_logger = DALELocalLogger()
         self.print_to_log_file(
@@ -249,7 +251,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                     try:
                         self.memory.restore(epoch, name)
                     except MemoryMismatchError as e:
-                        raise SetupError(str(e)) from None
+                        hint = (" (checkpoint_best.pth is written without DALE buffers once checkpoint_latest.pth has "
+                                "them: restore checkpoint_latest.pth to resume)") if name == BEST else ""
+                        raise SetupError(str(e) + hint) from None
                     if self.memory_frozen(epoch):
                         self._frozen_snapshot = epoch
         self._barrier()
@@ -566,6 +570,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def _save_checkpoint(self, filename: str) -> None:
         epoch = self.current_epoch + 1  # what nnU-Net stores as checkpoint['current_epoch']
         write_memory = self.memory is not None and not self.disable_checkpointing
+        if write_memory and os.path.basename(filename) == BEST and self._latest_has_buffers():
+            write_memory = False  # --c never loads checkpoint_best while checkpoint_latest exists
+            if not self._best_without_buffers:
+                self._best_without_buffers = True
+                self.print_to_log_file("DALE: checkpoint_best.pth is now written without a buffer snapshot: "
+                                       "checkpoint_latest.pth has one, and --c resumes from it")
         if self.memory is not None:
             self.memory.flush()  # every rank's updates are in the live files before rank 0 snapshots them
         self._barrier()
@@ -585,20 +595,34 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 name = os.path.basename(filename)
                 if write_memory:  # a kill between rename and record must not let pruning drop either snapshot
                     self._record_checkpoint_epoch(name, epoch, pending=True)
+                elif self.memory is not None and name == BEST and not self.disable_checkpointing:
+                    self._record_checkpoint_epoch(name, None)  # before the rename; its former snapshot is pruned
                 os.replace(tmp, filename)
                 if write_memory:
                     self._record_checkpoint_epoch(name, epoch)
         self._barrier()
 
-    def _record_checkpoint_epoch(self, name: str, epoch: int, pending: bool = False) -> None:
+    def _latest_has_buffers(self) -> bool:
+        """checkpoint_latest.pth exists and its snapshot is recorded and complete: ``--c`` resumes
+        from it (or from checkpoint_final), never from checkpoint_best. Snapshots for
+        checkpoint_best are then skipped: before the memory horizon each would copy every buffer,
+        and nnU-Net writes checkpoint_best whenever the EMA pseudo Dice improves."""
+        if self.local_rank != 0 or not os.path.isfile(os.path.join(self.output_folder, LATEST)):
+            return False
+        path = self.memory_folder / CHECKPOINT_EPOCHS
+        listed = json.loads(path.read_text()).get(LATEST, []) if path.is_file() else []
+        return len(listed) == 1 and (self.memory.snapshot_dir(listed[0]) / "manifest.json").is_file()
+
+    def _record_checkpoint_epoch(self, name: str, epoch: int | None, pending: bool = False) -> None:
         """``checkpoint_epochs.json``: checkpoint file -> the epochs its file may hold (two while a
-        rename is pending); snapshots of no listed epoch are pruned."""
+        rename is pending; none for a checkpoint_best written without buffers); snapshots of no
+        listed epoch are pruned."""
         path = self.memory_folder / CHECKPOINT_EPOCHS
         epochs = json.loads(path.read_text()) if path.is_file() else {}
         epochs = {n: [e] if isinstance(e, int) else list(e) for n, e in epochs.items()}
-        epochs[name] = sorted({*epochs.get(name, []), epoch}) if pending else [epoch]
+        epochs[name] = sorted({*epochs.get(name, []), epoch}) if pending else ([] if epoch is None else [epoch])
         epochs = {n: e for n, e in epochs.items()
-                  if os.path.isfile(os.path.join(self.output_folder, n)) or (pending and n == name)}
+                  if os.path.isfile(os.path.join(self.output_folder, n)) or (n == name and (pending or epoch is None))}
         write_json_atomic(path, epochs)
         if not pending:
             self.memory.prune({e for listed in epochs.values() for e in listed})
