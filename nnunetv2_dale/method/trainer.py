@@ -112,6 +112,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       afterwards q, and the mixtures fitted to it, are frozen: an early-learning ensemble that
       cannot follow the network into memorising the noise (1.0, never frozen, was the default
       before; ``nnUNetTrainerDALE_noHorizon``). docs/method.md section 7 has the numbers.
+    - ``dale_align_agreement`` (False): align a fuzzy voxel's features only where the network's
+      current prediction already agrees with the collaborative target's class (a co-teaching-style
+      agreement between the network and the early ensemble against the label): the alignment then
+      consolidates what the network does, instead of pulling voxels it has learnt toward the early
+      ensemble's errors.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -157,6 +162,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_background_writes = True
         self.dale_worker_reads = True
         self.dale_boundary_margin = 0
+        self.dale_align_agreement = False
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -350,7 +356,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             lam = alignment_weight(self.current_epoch, self.num_epochs, self.dale_warmup_fraction,
                                    self.dale_align_weight, self.dale_align_rampup_fraction)
             if self.dale_use_alignment and self.alignment.features is not None and lam > 0:
-                align = self.alignment.loss(self.alignment.features, (fuzzy * soft).to(self.device))
+                members = (fuzzy * soft).to(self.device)
+                if self.dale_align_agreement:
+                    logits = output[0] if isinstance(output, (list, tuple)) else output
+                    agree = logits.detach().argmax(1, keepdim=True) == members.argmax(1, keepdim=True)
+                    terms["align_agreed"] = float((members * agree).sum() / members.sum().clamp_min(1e-6))
+                    members = members * agree
+                align = self.alignment.loss(self.alignment.features, members)
                 loss = loss + lam * align
                 terms["align_loss"] = float(align.detach())
         if self.dale_consistency_weight > 0:

@@ -151,3 +151,9 @@ class nnUNetTrainerDALE_margin(nnUNetTrainerDALE):
     ``dale_boundary_margin``): no down-weighting, correction or alignment there, where clean labels
     are flagged most (a quarter of the voxels next to the boundary on ddti-fast)."""
     dale_overrides = {"dale_boundary_margin": 1}
+
+
+class nnUNetTrainerDALE_agreeAlign(nnUNetTrainerDALE):
+    """Tuning variant: alignment only where the network's prediction agrees with the collaborative
+    target's class (``dale_align_agreement``)."""
+    dale_overrides = {"dale_align_agreement": True}
