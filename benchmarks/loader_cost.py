@@ -33,7 +33,8 @@ SHAPES = {  # name: (dim, case shape, configuration, patch, batch)
     "3d_fullres 2x128^3": (3, (160, 256, 256), "3d_fullres", [128, 128, 128], 2),
     "2d 12x512^2": (2, (640, 640), "2d", [512, 512], 12),
 }
-LOADERS = ("nnUNetTrainer", "DALE (warm-up)", "DALE (stable)")
+LOADERS = {"nnUNetTrainer": ("nnUNetTrainer", ""), "DALE (warm-up)": ("nnUNetTrainerDALE", "warm-up"),
+           "DALE (stable)": ("nnUNetTrainerDALE", "stable")}  # row: (trainer, DALE phase the workers see)
 
 
 def prepare(root: Path, name: str, dataset_id: int) -> None:
@@ -41,9 +42,6 @@ def prepare(root: Path, name: str, dataset_id: int) -> None:
     from nnunetv2_dale.data.phantoms import make_phantom_dataset
 
     dim, case, configuration, _, _ = SHAPES[name]
-    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[var] = str(root / var)
-        (root / var).mkdir(parents=True, exist_ok=True)
     raw = root / "nnUNet_raw" / f"Dataset{dataset_id}_Loader{dim}d"
     make_phantom_dataset(raw, dim, max(case), 4, 1, NoiseSpec(), seed=dataset_id, shape=case)
     env = {k: v for k, v in os.environ.items() if k != "nnUNet_n_proc_DA"}
@@ -102,17 +100,17 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.workdir or tmp)
+        for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):  # before nnunetv2 is imported
+            os.environ[var] = str(root / var)
+            (root / var).mkdir(parents=True, exist_ok=True)
         for name in args.shapes:
             dataset_id = 970 + list(SHAPES).index(name)
             if not (root / "nnUNet_preprocessed" / f"Dataset{dataset_id}_Loader{SHAPES[name][0]}d").is_dir():
                 prepare(root, name, dataset_id)
-            for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-                os.environ[var] = str(root / var)
             rates: dict[str, list[float]] = {k: [] for k in LOADERS}
             for r in range(args.rounds):
-                for loader in (LOADERS if r % 2 == 0 else LOADERS[::-1]):
-                    trainer_name = "nnUNetTrainer" if loader == "nnUNetTrainer" else "nnUNetTrainerDALE"
-                    stage = loader.split("(")[-1].rstrip(")") if "(" in loader else ""
+                for loader in (list(LOADERS) if r % 2 == 0 else list(LOADERS)[::-1]):
+                    trainer_name, stage = LOADERS[loader]
                     rates[loader].append(loader_rate(trainer_name, stage, dataset_id, name, args.batches, args.warmup))
             base = statistics.median(rates["nnUNetTrainer"])
             results[name] = {

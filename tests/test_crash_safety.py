@@ -82,9 +82,7 @@ def assert_consistent(fold: Path, note: str) -> dict[str, int]:
         assert manifest["epoch"] == epoch and len(manifest["crc32"]) == 2 * len(manifest["cases"]), note
         for name, crc in manifest["crc32"].items():
             assert zlib.crc32((snapshot / name).read_bytes()) == crc, (note, name)
-    for name, epoch in found.items():
-        assert epoch in record.get(name, []) or (name == "checkpoint_best.pth" and record.get(name) == []), \
-            (note, name, epoch, record)
+        assert epoch in record.get(checkpoint.name, []), (note, checkpoint.name, epoch, record)
     return found
 
 

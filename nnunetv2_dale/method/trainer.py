@@ -34,7 +34,7 @@ from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_
                                         loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
-from nnunetv2_dale.method.memory import (ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
+from nnunetv2_dale.method.memory import (MANIFEST, ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
                                          write_json_atomic)
 from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
 from nnunetv2_dale.utilities.preflight import SetupError
@@ -238,12 +238,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             dist.barrier()
 
     def on_train_start(self):
+        if not self.was_initialized:
+            self.initialize()
+        # the buffers first: a refused restore then exits before nnU-Net starts its loader workers
+        # (stopping them after they have begun prefetching races with their result threads)
+        self._start_memory()
         super().on_train_start()
-        try:
-            self._start_memory()
-        except SetupError:
-            self._stop_loaders()  # super() started them: exit with the message, not their shutdown tracebacks
-            raise
 
     def _start_memory(self) -> None:
         """Build the buffers, then reset them or restore the checkpoint's snapshot."""
@@ -582,8 +582,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def _save_checkpoint(self, filename: str) -> None:
         epoch = self.current_epoch + 1  # what nnU-Net stores as checkpoint['current_epoch']
         write_memory = self.memory is not None and not self.disable_checkpointing
-        if write_memory and os.path.basename(filename) == BEST and self._latest_has_buffers():
-            write_memory = False  # --c never loads checkpoint_best while checkpoint_latest exists
+        # --c never loads checkpoint_best while checkpoint_latest exists
+        best_without_buffers = write_memory and os.path.basename(filename) == BEST and self._latest_has_buffers()
+        if best_without_buffers:
+            write_memory = False
             if not self._best_without_buffers:
                 self._best_without_buffers = True
                 self.print_to_log_file("DALE: checkpoint_best.pth is now written without a buffer snapshot: "
@@ -607,7 +609,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 name = os.path.basename(filename)
                 if write_memory:  # a kill between rename and record must not let pruning drop either snapshot
                     self._record_checkpoint_epoch(name, epoch, pending=True)
-                elif self.memory is not None and name == BEST and not self.disable_checkpointing:
+                elif best_without_buffers:
                     self._record_checkpoint_epoch(name, None)  # before the rename; its former snapshot is pruned
                 os.replace(tmp, filename)
                 if write_memory:
@@ -621,21 +623,24 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         and nnU-Net writes checkpoint_best whenever the EMA pseudo Dice improves."""
         if self.local_rank != 0 or not os.path.isfile(os.path.join(self.output_folder, LATEST)):
             return False
+        listed = self._checkpoint_epochs().get(LATEST, [])
+        return len(listed) == 1 and (self.memory.snapshot_dir(listed[0]) / MANIFEST).is_file()
+
+    def _checkpoint_epochs(self) -> dict[str, list[int]]:
+        """``checkpoint_epochs.json`` as checkpoint file -> list of epochs (older records: one int)."""
         path = self.memory_folder / CHECKPOINT_EPOCHS
-        listed = json.loads(path.read_text()).get(LATEST, []) if path.is_file() else []
-        return len(listed) == 1 and (self.memory.snapshot_dir(listed[0]) / "manifest.json").is_file()
+        epochs = json.loads(path.read_text()) if path.is_file() else {}
+        return {n: [e] if isinstance(e, int) else list(e) for n, e in epochs.items()}
 
     def _record_checkpoint_epoch(self, name: str, epoch: int | None, pending: bool = False) -> None:
         """``checkpoint_epochs.json``: checkpoint file -> the epochs its file may hold (two while a
         rename is pending; none for a checkpoint_best written without buffers); snapshots of no
         listed epoch are pruned."""
-        path = self.memory_folder / CHECKPOINT_EPOCHS
-        epochs = json.loads(path.read_text()) if path.is_file() else {}
-        epochs = {n: [e] if isinstance(e, int) else list(e) for n, e in epochs.items()}
+        epochs = self._checkpoint_epochs()
         epochs[name] = sorted({*epochs.get(name, []), epoch}) if pending else ([] if epoch is None else [epoch])
         epochs = {n: e for n, e in epochs.items()
                   if os.path.isfile(os.path.join(self.output_folder, n)) or (n == name and (pending or epoch is None))}
-        write_json_atomic(path, epochs)
+        write_json_atomic(self.memory_folder / CHECKPOINT_EPOCHS, epochs)
         if not pending:
             self.memory.prune({e for listed in epochs.values() for e in listed})
 
