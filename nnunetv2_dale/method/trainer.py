@@ -33,6 +33,7 @@ from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_ta
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
                                         loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
+from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, update_saturation
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
 from nnunetv2_dale.method.memory import (MANIFEST, ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
                                          write_json_atomic)
@@ -159,6 +160,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_fuzzy_correction = True
         self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
+        self.dale_horizon_from_curve = False
+        self.dale_horizon_slope_drop = 0.9
         self.dale_background_writes = True
         self.dale_worker_reads = True
         self.dale_boundary_margin = 0
@@ -175,6 +178,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self._epoch_terms: dict[str, list[float]] = {}
         self.memory: ConfidenceMemory | None = None
         self._dale_restore: tuple[int, str] | None = None
+        self._curve_saturation: list[int | None] = []  # per class: epoch count at which its curve saturated
+        self._curve_horizon: int | None = None  # epoch from which the curve froze the memory
         self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
         self._best_without_buffers = False  # said in the log once
         self._skipped_steps = 0
@@ -460,7 +465,24 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         """True from the epoch ``dale_memory_horizon`` of the training on: the buffers (and the
         mixtures fitted to them) then stay as they were, an early-learning ensemble."""
         epoch = self.current_epoch if epoch is None else epoch
-        return epoch >= max(1, round(self.dale_memory_horizon * self.num_epochs))
+        limit = max(1, round(self.dale_memory_horizon * self.num_epochs))
+        if self._curve_horizon is not None:
+            limit = min(limit, self._curve_horizon)
+        return epoch >= limit
+
+    def _update_curve_horizon(self) -> None:
+        """``dale_horizon_from_curve``: freeze the memory from the next epoch on once every
+        class's label-confidence curve has saturated (``horizon.update_saturation``)."""
+        if not self.dale_horizon_from_curve or self._curve_horizon is not None or self.memory_frozen():
+            return
+        curves = self.logger.my_fantastic_logging["dale_mean_confidence"][:self.current_epoch + 1]
+        self._curve_saturation = update_saturation(self._curve_saturation, curves, self.dale_horizon_slope_drop)
+        self._curve_horizon = frozen_from(self._curve_saturation)
+        if self._curve_horizon is not None:
+            self.print_to_log_file(
+                f"DALE: every class's label-confidence curve has saturated (epochs {self._curve_saturation}): "
+                f"the memory is frozen from epoch {self._curve_horizon} on (fixed limit: "
+                f"{max(1, round(self.dale_memory_horizon * self.num_epochs))})")
 
     @torch.no_grad()
     def update_memory(self, batch: dict, output) -> None:
@@ -539,6 +561,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.logger.log("dale_reliable_fraction", terms.get("reliable_fraction", float("nan")), self.current_epoch)
         self.logger.log("dale_fuzzy_fraction", terms.get("fuzzy_fraction", float("nan")), self.current_epoch)
         self.logger.log("dale_align_loss", terms.get("align_loss", float("nan")), self.current_epoch)
+        self._update_curve_horizon()
         fitted = [f"class {c}: clean l~N({m.means[0]:.2f},{m.stds[0]:.2f}) w={m.weights[0]:.2f}, noisy "
                   f"l~N({m.means[1]:.2f},{m.stds[1]:.2f})" if m.fitted else f"class {c}: one population (omega=1)"
                   for c, m in enumerate(self.mixtures)]
@@ -655,3 +678,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         super().load_checkpoint(filename_or_checkpoint)
         name = os.path.basename(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else "checkpoint"
         self._dale_restore = (self.current_epoch, name)  # applied in on_train_start; --val never touches buffers
+        if self.dale_horizon_from_curve:  # replay the curve the checkpoint's log holds
+            curves = self.logger.my_fantastic_logging["dale_mean_confidence"][:self.current_epoch]
+            self._curve_saturation = replay_saturation(curves, self.dale_horizon_slope_drop)
+            self._curve_horizon = frozen_from(self._curve_saturation)

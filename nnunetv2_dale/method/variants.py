@@ -157,3 +157,9 @@ class nnUNetTrainerDALE_agreeAlign(nnUNetTrainerDALE):
     """Tuning variant: alignment only where the network's prediction agrees with the collaborative
     target's class (``dale_align_agreement``)."""
     dale_overrides = {"dale_align_agreement": True}
+
+
+class nnUNetTrainerDALE_curveHorizon(nnUNetTrainerDALE):
+    """Tuning variant: the memory freezes when every class's label-confidence curve has saturated
+    (ADELE's criterion, ``dale_horizon_from_curve``), at the latest at the fixed share."""
+    dale_overrides = {"dale_horizon_from_curve": True}

@@ -1,0 +1,69 @@
+"""The memory horizon read from the label-confidence curve (``method/horizon.py``) and the trainer's
+use of it: fired by a saturating curve, not by a still-rising one, and replayed identically by
+``--c``."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, slope_drop, update_saturation
+from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
+
+
+def saturating(n: int, rate: float, top: float = 0.9, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(1, n + 1)
+    return list(top * (1 - np.exp(-rate * t)) + rng.normal(0, 0.004, n))
+
+
+def test_slope_drop_of_saturating_and_linear_curves():
+    fast = slope_drop(saturating(12, 0.6))
+    assert fast is not None and fast > 0.95  # after 12 epochs of a curve with time constant 1.7
+    assert slope_drop(saturating(3, 0.05)) < 0.5  # barely begun
+    linear = slope_drop(list(0.02 * np.arange(1, 21)))  # the model's curves start at 0 before epoch 1
+    assert linear is None or linear < 0.5  # still rising as fast as at the start: not saturated
+    assert slope_drop([0.5, float("nan")]) is None  # too few points
+
+
+def test_every_class_must_saturate_and_a_saturated_class_stays_saturated():
+    slow, fast = saturating(30, 0.08, seed=1), saturating(30, 0.8, seed=2)
+    curves = [[a, b] for a, b in zip(fast, slow)]
+    state: list = []
+    seen = []
+    for t in range(1, len(curves) + 1):
+        state = update_saturation(state, curves[:t])
+        seen.append(list(state))
+    assert seen[-1][0] is not None and seen[-1][1] is not None and seen[-1][0] < seen[-1][1]
+    first_fast = seen[-1][0]
+    assert all(s[0] == first_fast for s in seen[first_fast - 1:])  # never re-tested once saturated
+    assert frozen_from(seen[-1]) == seen[-1][1]  # frozen when the slower class saturated
+    assert frozen_from([first_fast, None]) is None
+    assert replay_saturation(curves) == seen[frozen_from(seen[-1]) - 1]
+
+
+def test_trainer_freezes_at_the_curve_and_resume_replays_it():
+    """The trainer's per-epoch update (``_update_curve_horizon``) and the replay of
+    ``load_checkpoint`` agree at every epoch a checkpoint could have been written, and the fixed
+    share stays an upper limit."""
+    curves = [[a, b] for a, b in zip(saturating(40, 0.7, seed=3), saturating(40, 0.3, seed=4))]
+    trainer = SimpleNamespace(dale_horizon_from_curve=True, dale_horizon_slope_drop=0.9, dale_memory_horizon=0.3,
+                              num_epochs=100, _curve_horizon=None, _curve_saturation=[], current_epoch=0,
+                              logger=SimpleNamespace(my_fantastic_logging={"dale_mean_confidence": []}),
+                              print_to_log_file=lambda *a, **k: None)
+    trainer.memory_frozen = lambda epoch=None: nnUNetTrainerDALE.memory_frozen(trainer, epoch)
+    frozen_at = None
+    for epoch in range(40):
+        trainer.current_epoch = epoch
+        if trainer.memory_frozen():
+            frozen_at = frozen_at if frozen_at is not None else epoch
+            trainer.logger.my_fantastic_logging["dale_mean_confidence"].append([float("nan")] * 2)
+            continue
+        trainer.logger.my_fantastic_logging["dale_mean_confidence"].append(curves[epoch])
+        nnUNetTrainerDALE._update_curve_horizon(trainer)
+        resumed = replay_saturation(trainer.logger.my_fantastic_logging["dale_mean_confidence"][:epoch + 1])
+        assert frozen_from(resumed) == trainer._curve_horizon and resumed == trainer._curve_saturation
+    assert frozen_at is not None and 3 <= frozen_at < 30 and frozen_at == trainer._curve_horizon
+    assert nnUNetTrainerDALE.memory_frozen(trainer, frozen_at) and not nnUNetTrainerDALE.memory_frozen(trainer, frozen_at - 1)
+    trainer._curve_horizon = None  # a curve that never saturates: the fixed share still freezes it
+    assert nnUNetTrainerDALE.memory_frozen(trainer, 30) and not nnUNetTrainerDALE.memory_frozen(trainer, 29)
