@@ -8,6 +8,7 @@ import torch
 
 from conftest import inprocess_trainer
 from nnunetv2_dale.method.coords import crop_coordinates, source_indices
+from nnunetv2_dale.method.geometry import CropSpec, PatchSpec, coordinate_map, describe_coordinates
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +30,19 @@ def test_crop_coordinates_mark_padding():
     assert idx.reshape(5, 2, 3)[3, 1, 0] == 1 * 25 + 1 * 5 + 4
 
 
-def _check_mapping(trainer, batches: int = 12) -> tuple[float, float, bool]:
-    """(label agreement on valid voxels, mean image correlation, saw a geometric augmentation)."""
+def _check_mapping(trainer, batches: int = 12) -> tuple[float, float, bool, bool]:
+    """(label agreement on valid voxels, mean image correlation, saw a geometric augmentation,
+    the batches carried PatchSpecs instead of maps)."""
     trainer.initialize()
     dl_tr, _ = trainer.get_dataloaders()
     dataset_tr, _ = trainer.get_tr_and_val_datasets()
     agree = total = 0
     correlations = []
     saw_geometry = False
+    described = set()
     for _ in range(batches):
         batch = next(dl_tr)
+        described.add(isinstance(batch["regression_target"], list))
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         for b, key in enumerate(batch["keys"]):
             data, seg, _, _ = dataset_tr.load_case(key)
@@ -54,9 +58,12 @@ def _check_mapping(trainer, batches: int = 12) -> tuple[float, float, bool]:
             aug_img = batch["data"][b, 0].reshape(-1)[valid]
             correlations.append(float(torch.corrcoef(torch.stack([src_img, aug_img]))[0, 1]))
             # a rotated/scaled patch has non-integer source coordinates somewhere
-            frac = (batch["regression_target"][b, :3] - batch["regression_target"][b, :3].round()).abs()
+            coords = batch["regression_target"][b]
+            coords = coordinate_map(coords) if isinstance(coords, PatchSpec) else coords
+            frac = (coords[:3] - coords[:3].round()).abs()
             saw_geometry |= bool(frac.max() > 0.05)
-    return agree / total, float(np.mean(correlations)), saw_geometry
+    assert len(described) == 1
+    return agree / total, float(np.mean(correlations)), saw_geometry, described.pop()
 
 
 @pytest.mark.parametrize("which", ["2d", "3d_fullres", "dummy2d", "2d_slices"])
@@ -69,7 +76,10 @@ def test_augmented_patches_map_to_source_voxels(which, request, monkeypatch):
     trainer = inprocess_trainer(tree, did, configuration, monkeypatch)
     if which == "dummy2d":
         assert trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1], "expected dummy-2D DA"
-    agreement, correlation, saw_geometry = _check_mapping(trainer)
+    agreement, correlation, saw_geometry, described = _check_mapping(trainer)
+    # the loader describes the coordinates (geometry.PatchSpec), except with dummy-2D augmentation,
+    # whose first transform reshapes the map: the map is built and transformed as an image then
+    assert described == (which != "dummy2d")
     print(f"{which}: label agreement {agreement:.4f}, image correlation {correlation:.3f}")
     assert agreement >= 0.99, agreement
     assert correlation > 0.8, correlation  # intensity augmentation changes values, not where they come from
@@ -147,3 +157,42 @@ def test_fuzzy_phase_centres_patches_on_fuzzy_voxels(tiny2d, monkeypatch, tmp_pa
     import os
     os.utime(trainer.memory_folder / SAMPLING_FILE, ns=(1, 1))  # new mtime even within one clock tick
     assert sampler.propose(key, seg, rng) is None
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_described_coordinates_equal_the_transformed_map(dims):
+    """nnU-Net's training transforms, same random draws: the map built from the PatchSpec (crop,
+    spatial transform, mirroring) equals the crop's map sent through the transforms, on the
+    voxels with a source voxel, and the valid voxels are the same."""
+    import copy
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    patch = (40, 48, 36) if dims == 3 else (64, 72)
+    crop = [[-6, 46], [10, 70], [-3, 40]] if dims == 3 else [[-10, 80], [5, 90]]
+    shape = (50, 64, 38) if dims == 3 else (70, 96)
+    rotation = (-0.52, 0.52) if dims == 3 else (-np.pi, np.pi)
+    stock = nnUNetTrainer.get_training_transforms(patch, rotation, None, tuple(range(dims)), False, [False],
+                                                  False, [1], None, None)
+    described = copy.deepcopy(stock)
+    assert describe_coordinates(described)
+    image = torch.randn(1, *[b - a for a, b in crop])
+    seg = (torch.rand(image.shape) > 0.5).to(torch.int16)
+    kinds = set()
+    for seed in range(24):
+        out = {}
+        for name, pipeline, coords in (("map", stock, crop_coordinates(crop, shape)),
+                                       ("spec", described, CropSpec(tuple(map(tuple, crop)), shape))):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            out[name] = pipeline(image=image.clone(), segmentation=seg.clone(), regression_target=coords)["regression_target"]
+        spec = out["spec"]
+        assert isinstance(spec, PatchSpec)
+        kinds.add((spec.matrix != tuple(tuple(float(a == b) for b in range(dims)) for a in range(dims)), bool(spec.flips)))
+        built = coordinate_map(spec)
+        valid_map, valid_spec = out["map"][-1] > 0.999, built[-1] > 0.999
+        assert valid_map.float().mean() > 0.2
+        assert (valid_map == valid_spec).float().mean() > 0.9999
+        both = valid_map & valid_spec
+        assert float((built[:-1] - out["map"][:-1])[:, both].abs().max()) < 0.01
+    assert {k[0] for k in kinds} == {False, True} and {k[1] for k in kinds} == {False, True}  # crops and resamplings, mirrored and not

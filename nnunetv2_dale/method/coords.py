@@ -11,6 +11,7 @@ interpolated validity is 1, i.e. where all its interpolation neighbours lie insi
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -19,16 +20,23 @@ from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from threadpoolctl import threadpool_limits
 
+from nnunetv2_dale.method.geometry import (CropSpec, PatchSpec, coordinate_map, describe_coordinates,
+                                            described_source_indices)
+
 COORD_CHANNELS = 4  # z, y, x, validity
 VALID_THRESHOLD = 0.999
 
 
-def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...]) -> torch.Tensor:
+def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...],
+                     within: list[list[int]] | None = None) -> torch.Tensor:
     """(4, *crop) float32 map of the voxel coordinates of ``bbox`` in a case of ``case_shape``,
-    0 outside the case, with the validity channel last. Built by broadcasting per-axis vectors
-    (one pass per channel: this runs for every sample in the augmentation workers)."""
+    0 outside the case (and outside the box ``within``, if given), with the validity channel last.
+    Built by broadcasting per-axis vectors (one pass per channel: this runs for every sample in the
+    augmentation workers)."""
     axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in bbox]
-    inside = [((a >= 0) & (a <= n - 1)).float() for a, n in zip(axes, case_shape)]
+    limits = [(0, n - 1) if within is None else (max(0, w[0]), min(n, w[1]) - 1) for n, w in
+              zip(case_shape, within or [None] * len(case_shape))]
+    inside = [((a >= lo) & (a <= hi)).float() for a, (lo, hi) in zip(axes, limits)]
     dims = len(axes)
 
     def along(vector: torch.Tensor, axis: int) -> torch.Tensor:
@@ -44,9 +52,15 @@ def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...]) -> torc
     return out
 
 
-def source_indices(coords: torch.Tensor, case_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def source_indices(coords: torch.Tensor | PatchSpec, case_shape: tuple[int, ...],
+                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat source-voxel index per patch voxel and the validity mask, from one sample's
-    transformed coordinate map ``(4, *patch)`` (or ``(4, 1, *patch)`` in 2D)."""
+    transformed coordinate map ``(4, *patch)`` (or ``(4, 1, *patch)`` in 2D) or its
+    :class:`PatchSpec`, computed on ``device`` (default: where the map is, the CPU for a spec)."""
+    if isinstance(coords, PatchSpec):
+        return described_source_indices(coords, case_shape, VALID_THRESHOLD, device)
+    if device is not None:
+        coords = coords.to(device, non_blocking=True)
     coords = coords.reshape(COORD_CHANNELS, -1)
     valid = coords[3] > VALID_THRESHOLD
     idx = torch.zeros(coords.shape[1], dtype=torch.int64, device=coords.device)
@@ -73,10 +87,12 @@ class CoordinateDataLoader(nnUNetDataLoader):
 
     sampler = None
     reader = None
+    described: bool | None = None  # coordinates carried as a PatchSpec (decided at the first batch)
 
     def generate_train_batch(self) -> dict:
         selected_keys = self.get_indices()
-        data_all = seg_all = coords_all = None
+        data_all = seg_all = None
+        coords_all: list = []
         shapes, reads = [], []
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(selected_keys):
@@ -98,32 +114,39 @@ class CoordinateDataLoader(nnUNetDataLoader):
                     seg_prev_cropped = torch.from_numpy(
                         crop_and_pad_nd(seg_prev, bbox, -1, cast_cropped_to=np.int16)).to(torch.int16)
                     seg_cropped = torch.cat((seg_cropped, seg_prev_cropped[None]), dim=0)
-                coords = crop_coordinates(bbox, shapes[-1])
-                slice_index = None
+                if self.described is None:  # in the worker that runs this loader, once
+                    self.described = self.transforms is not None and describe_coordinates(self.transforms)
+                slice_index, box, case_shape = None, bbox, shapes[-1]
                 if self.patch_size_was_2d:  # the slice's z is constant: it does not go through the transforms
                     data_cropped, seg_cropped = data_cropped[:, 0], seg_cropped[:, 0]
-                    slice_index, coords = float(bbox[0][0]), coords[1:, 0]
+                    slice_index, box, case_shape = float(bbox[0][0]), bbox[1:], case_shape[1:]
+                if self.described:  # a description; the map is built where it is used
+                    coords = CropSpec(tuple((lo, hi) for lo, hi in box), tuple(case_shape))
+                else:
+                    coords = crop_coordinates(box, case_shape)
                 sample = {"image": data_cropped, "segmentation": seg_cropped, "regression_target": coords}
                 if self.transforms is not None:
                     sample = self.transforms(**sample)
+                moved = sample["regression_target"]
                 if slice_index is not None:  # z * validity, as if it had been transformed with the rest
-                    moved = sample["regression_target"]
-                    sample["regression_target"] = torch.cat([moved[-1:] * slice_index, moved])
+                    moved = (replace(moved, slice_index=slice_index) if isinstance(moved, PatchSpec)
+                             else torch.cat([moved[-1:] * slice_index, moved]))
+                coords_all.append(moved)
                 if data_all is None:
                     data_all = torch.empty((self.batch_size, *sample["image"].shape), dtype=torch.float32)
-                    coords_all = torch.empty((self.batch_size, *sample["regression_target"].shape), dtype=torch.float32)
                     seg = sample["segmentation"]
                     seg_all = ([torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in seg]
                                if isinstance(seg, list) else torch.empty((self.batch_size, *seg.shape), dtype=seg.dtype))
                 data_all[j] = sample["image"]
-                coords_all[j] = sample["regression_target"]
                 if self.reader is not None:
-                    reads.append(self.reader.read(key, sample["regression_target"], shapes[-1]))
+                    reads.append(self.reader.read(key, moved, shapes[-1]))
                 if isinstance(seg_all, list):
                     for s_idx, s in enumerate(sample["segmentation"]):
                         seg_all[s_idx][j] = s
                 else:
                     seg_all[j] = sample["segmentation"]
+        if not all(isinstance(c, PatchSpec) for c in coords_all):  # e.g. elastic deformation: some were resampled
+            coords_all = torch.stack([coordinate_map(c) if isinstance(c, PatchSpec) else c for c in coords_all])
         batch = {"data": data_all, "target": seg_all, "keys": selected_keys, "regression_target": coords_all,
                  "case_shapes": shapes}
         if reads and all(r is not None for r in reads):

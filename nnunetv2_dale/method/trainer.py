@@ -505,7 +505,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             dev = probs.device
             patches = []
             for b, key in enumerate(keys):
-                index, valid = source_indices(coords[b].to(dev, non_blocking=True), shapes[b])
+                index, valid = source_indices(coords[b], shapes[b], dev)
                 labels = target[b].reshape(-1).to(dev, non_blocking=True).long()
                 if ignore is not None:
                     valid &= labels != ignore
