@@ -42,27 +42,41 @@ def test_every_class_must_saturate_and_a_saturated_class_stays_saturated():
     assert replay_saturation(curves) == seen[frozen_from(seen[-1]) - 1]
 
 
-def test_trainer_freezes_at_the_curve_and_resume_replays_it():
-    """The trainer's per-epoch update (``_update_curve_horizon``) and the replay of
-    ``load_checkpoint`` agree at every epoch a checkpoint could have been written, and the fixed
-    share stays an upper limit."""
+def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
+    """The trainer's per-epoch update (``_update_curve_horizon``, reading nnU-Net's own logger) and
+    the replay of ``load_checkpoint`` from the logger's checkpoint agree at every epoch a checkpoint
+    could have been written, and the fixed share stays an upper limit. (A real training reaches
+    saturation only after several epochs of real data: the benchmark runs exercise that.)"""
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    from nnunetv2_dale.method.progress import DALELocalLogger
+
+    def trainer_state(logger):
+        t = SimpleNamespace(dale_horizon_from_curve=True, dale_horizon_slope_drop=0.9, dale_memory_horizon=0.3,
+                            num_epochs=100, _curve_horizon=None, _curve_saturation=[], current_epoch=0,
+                            logger=logger, print_to_log_file=lambda *a, **k: None)
+        t.memory_frozen = lambda epoch=None: nnUNetTrainerDALE.memory_frozen(t, epoch)
+        return t
+
+    def new_logger():
+        logger = MetaLogger(str(tmp_path), False)
+        logger.local_logger = DALELocalLogger()
+        return logger
+
     curves = [[a, b] for a, b in zip(saturating(40, 0.7, seed=3), saturating(40, 0.3, seed=4))]
-    trainer = SimpleNamespace(dale_horizon_from_curve=True, dale_horizon_slope_drop=0.9, dale_memory_horizon=0.3,
-                              num_epochs=100, _curve_horizon=None, _curve_saturation=[], current_epoch=0,
-                              logger=SimpleNamespace(my_fantastic_logging={"dale_mean_confidence": []}),
-                              print_to_log_file=lambda *a, **k: None)
-    trainer.memory_frozen = lambda epoch=None: nnUNetTrainerDALE.memory_frozen(trainer, epoch)
+    trainer = trainer_state(new_logger())
     frozen_at = None
     for epoch in range(40):
         trainer.current_epoch = epoch
-        if trainer.memory_frozen():
-            frozen_at = frozen_at if frozen_at is not None else epoch
-            trainer.logger.my_fantastic_logging["dale_mean_confidence"].append([float("nan")] * 2)
-            continue
-        trainer.logger.my_fantastic_logging["dale_mean_confidence"].append(curves[epoch])
+        frozen = trainer.memory_frozen()
+        frozen_at = epoch if frozen and frozen_at is None else frozen_at
+        trainer.logger.log("dale_mean_confidence", [float("nan")] * 2 if frozen else curves[epoch], epoch)
         nnUNetTrainerDALE._update_curve_horizon(trainer)
-        resumed = replay_saturation(trainer.logger.my_fantastic_logging["dale_mean_confidence"][:epoch + 1])
-        assert frozen_from(resumed) == trainer._curve_horizon and resumed == trainer._curve_saturation
+        resumed = trainer_state(new_logger())  # --c from a checkpoint written after this epoch
+        resumed.logger.load_checkpoint(trainer.logger.get_checkpoint())
+        resumed.current_epoch = epoch + 1
+        nnUNetTrainerDALE._replay_curve_horizon(resumed)
+        assert (resumed._curve_horizon, resumed._curve_saturation) == (trainer._curve_horizon, trainer._curve_saturation)
     assert frozen_at is not None and 3 <= frozen_at < 30 and frozen_at == trainer._curve_horizon
     assert nnUNetTrainerDALE.memory_frozen(trainer, frozen_at) and not nnUNetTrainerDALE.memory_frozen(trainer, frozen_at - 1)
     trainer._curve_horizon = None  # a curve that never saturates: the fixed share still freezes it

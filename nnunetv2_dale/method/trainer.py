@@ -475,7 +475,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         class's label-confidence curve has saturated (``horizon.update_saturation``)."""
         if not self.dale_horizon_from_curve or self._curve_horizon is not None or self.memory_frozen():
             return
-        curves = self.logger.my_fantastic_logging["dale_mean_confidence"][:self.current_epoch + 1]
+        curves = self.logger.get_value("dale_mean_confidence", step=None)[:self.current_epoch + 1]
         self._curve_saturation = update_saturation(self._curve_saturation, curves, self.dale_horizon_slope_drop)
         self._curve_horizon = frozen_from(self._curve_saturation)
         if self._curve_horizon is not None:
@@ -678,7 +678,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         super().load_checkpoint(filename_or_checkpoint)
         name = os.path.basename(filename_or_checkpoint) if isinstance(filename_or_checkpoint, str) else "checkpoint"
         self._dale_restore = (self.current_epoch, name)  # applied in on_train_start; --val never touches buffers
-        if self.dale_horizon_from_curve:  # replay the curve the checkpoint's log holds
-            curves = self.logger.my_fantastic_logging["dale_mean_confidence"][:self.current_epoch]
+        self._replay_curve_horizon()
+
+    def _replay_curve_horizon(self) -> None:
+        """The curve horizon of a resumed run: replayed from the label-confidence curve that the
+        checkpoint's log holds (the epochs before the checkpoint)."""
+        if self.dale_horizon_from_curve:
+            curves = self.logger.get_value("dale_mean_confidence", step=None)[:self.current_epoch]
             self._curve_saturation = replay_saturation(curves, self.dale_horizon_slope_drop)
             self._curve_horizon = frozen_from(self._curve_saturation)
