@@ -39,19 +39,22 @@ SHAPES = {  # name: (case shape, batch size, patch, classes)
 }
 
 
-def coordinates(case: tuple[int, ...], patch: tuple[int, ...], seed: int) -> torch.Tensor:
-    """(4, *patch) source coordinates of a crop rotated by ~0.3 rad in-plane and zoomed by 1.1."""
+def patch_spec(case: tuple[int, ...], patch: tuple[int, ...], seed: int):
+    """The geometry of a crop rotated by ~0.3 rad in-plane and zoomed by 1.1, centred in the case
+    (a random slice in 2D), as nnU-Net's training loader now delivers it (``geometry.PatchSpec``)."""
+    from nnunetv2_dale.method.geometry import CropSpec, PatchSpec
+
     g = torch.Generator().manual_seed(seed)
-    grid = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.float32) - (p - 1) / 2 for p in patch],
-                                      indexing="ij")).reshape(3, -1)
     a = 0.3 * (2 * torch.rand((), generator=g).item() - 1)
-    rot = torch.tensor([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]]) / 1.1
-    centre = torch.tensor([(c - 1) / 2 for c in case])[:, None]
+    rot = [[1.0, 0.0, 0.0], [0.0, math.cos(a) / 1.1, -math.sin(a) / 1.1], [0.0, math.sin(a) / 1.1, math.cos(a) / 1.1]]
+    centre = [(c - 1) / 2 for c in case]
     if patch[0] == 1:  # 2D: a random slice
-        centre[0] = float(torch.randint(case[0], (), generator=g))
-    src = rot @ grid + centre
-    valid = torch.ones(src.shape[1])
-    return torch.cat([src, valid[None]]).reshape(4, *patch)
+        plane = CropSpec(((0, case[1]), (0, case[2])), tuple(case[1:]))
+        return PatchSpec(plane, tuple(patch[1:]), tuple(tuple(r[1:]) for r in rot[1:]), tuple(centre[1:]),
+                         slice_index=float(torch.randint(case[0], (), generator=g)))
+    rot[0][0] = 1 / 1.1
+    return PatchSpec(CropSpec(tuple((0, n) for n in case), tuple(case)), tuple(patch), tuple(map(tuple, rot)),
+                     tuple(centre))
 
 
 def make_trainer(folder: Path, case: tuple[int, ...], batch: int, classes: int, background: bool,
@@ -68,7 +71,7 @@ def make_trainer(folder: Path, case: tuple[int, ...], batch: int, classes: int, 
                                 background=background)
     t.memory.reset()
     t.mixtures = [Mixture(weights=(0.9, 0.1), means=(0.1, 2.0), stds=(0.3, 0.3), fitted=True)] * classes
-    t.current_epoch, t.num_epochs, t.dale_memory_horizon = 0, 1000, 1.0
+    t.current_epoch, t.num_epochs, t.dale_memory_horizon, t._curve_horizon = 0, 1000, 1.0, None
     t.dale_min_visits, t.dale_use_confidence, t.dale_sharpen_temperature = 1, True, 0.5
     t.dale_certain_correction, t.dale_boundary_margin = False, 0
     return t
@@ -76,12 +79,8 @@ def make_trainer(folder: Path, case: tuple[int, ...], batch: int, classes: int, 
 
 def make_batch(case, batch, patch, classes, seed) -> tuple[dict, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    coords = torch.stack([coordinates(case, patch, seed * 100 + b) for b in range(batch)])
-    if patch[0] == 1:
-        coords = coords[:, :, 0]  # 2D samples: (4, 1, Y, X) -> nnU-Net 2D batches are (B, C, Y, X)
-        shape = patch[1:]
-    else:
-        shape = patch
+    coords = [patch_spec(case, patch, seed * 100 + b) for b in range(batch)]
+    shape = patch[1:] if patch[0] == 1 else patch
     target = torch.randint(0, classes, (batch, 1, *shape), generator=g).float()
     logits = torch.randn((batch, classes, *shape), generator=g)
     return {"keys": [f"case{b}" for b in range(batch)], "regression_target": coords,
