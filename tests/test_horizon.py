@@ -56,6 +56,7 @@ def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
                             num_epochs=100, _curve_horizon=None, _curve_saturation=[], current_epoch=0,
                             logger=logger, print_to_log_file=lambda *a, **k: None)
         t.memory_frozen = lambda epoch=None: nnUNetTrainerDALE.memory_frozen(t, epoch)
+        t._fixed_horizon = lambda: nnUNetTrainerDALE._fixed_horizon(t)
         return t
 
     def new_logger():

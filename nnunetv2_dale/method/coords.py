@@ -27,16 +27,12 @@ COORD_CHANNELS = 4  # z, y, x, validity
 VALID_THRESHOLD = 0.999
 
 
-def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...],
-                     within: list[list[int]] | None = None) -> torch.Tensor:
+def crop_coordinates(bbox: list[list[int]], case_shape: tuple[int, ...]) -> torch.Tensor:
     """(4, *crop) float32 map of the voxel coordinates of ``bbox`` in a case of ``case_shape``,
-    0 outside the case (and outside the box ``within``, if given), with the validity channel last.
-    Built by broadcasting per-axis vectors (one pass per channel: this runs for every sample in the
-    augmentation workers)."""
+    0 outside the case, with the validity channel last. Built by broadcasting per-axis vectors
+    (one pass per channel: this runs for every sample in the augmentation workers)."""
     axes = [torch.arange(lo, hi, dtype=torch.float32) for lo, hi in bbox]
-    limits = [(0, n - 1) if within is None else (max(0, w[0]), min(n, w[1]) - 1) for n, w in
-              zip(case_shape, within or [None] * len(case_shape))]
-    inside = [((a >= lo) & (a <= hi)).float() for a, (lo, hi) in zip(axes, limits)]
+    inside = [((a >= 0) & (a <= n - 1)).float() for a, n in zip(axes, case_shape)]
     dims = len(axes)
 
     def along(vector: torch.Tensor, axis: int) -> torch.Tensor:

@@ -53,9 +53,8 @@ def _fill(out: torch.Tensor, positions, crop: CropSpec) -> torch.Tensor:
     dims = len(crop.bbox)
     weight = out[dims]
     for axis, p in enumerate(positions):
-        (c0, _), (lo, hi) = crop.bbox[axis], _box(crop, axis)
-        w = torch.minimum(p - (lo - 1), (hi + 1) - p).clamp_(0, 1)
-        out[axis].copy_(p.clamp(lo, hi)).add_(c0)
+        w, inside = _along_axis(p, crop, axis)
+        out[axis].copy_(inside).add_(crop.bbox[axis][0])
         weight.copy_(w) if axis == 0 else weight.mul_(w)
     for axis in range(dims):
         out[axis].mul_(weight)
@@ -79,10 +78,13 @@ def _positions(spec: PatchSpec, device: torch.device | str | None) -> list[torch
     return positions
 
 
-def _box(crop: CropSpec, axis: int) -> tuple[float, float]:
-    """[lo, hi]: the crop indices along ``axis`` that lie inside the case."""
+def _along_axis(p: torch.Tensor, crop: CropSpec, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """At crop positions ``p`` along ``axis``: the interpolated inside-the-case indicator w, and
+    the position clamped to the crop indices [lo, hi] that lie inside the case (the module
+    docstring's closed form)."""
     (c0, end), n = crop.bbox[axis], crop.case_shape[axis]
-    return float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
+    lo, hi = float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
+    return torch.minimum(p - (lo - 1), (hi + 1) - p).clamp_(0, 1), p.clamp(lo, hi)
 
 
 def coordinate_map(spec: PatchSpec, device: torch.device | str | None = None) -> torch.Tensor:
@@ -104,10 +106,9 @@ def described_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thres
     stride = 1
     offset = len(case_shape) - len(spec.patch_size)  # a 2d patch of a 3D case: z is the slice
     for axis, p in reversed(list(enumerate(_positions(spec, device)))):
-        lo, hi = _box(spec.crop, axis)
-        w = torch.minimum(p - (lo - 1), (hi + 1) - p).clamp_(0, 1)
+        w, inside = _along_axis(p, spec.crop, axis)
         weight = w if weight is None else weight.mul_(w)
-        source = p.clamp(lo, hi).round_().to(torch.int64).add_(spec.crop.bbox[axis][0])
+        source = inside.round_().to(torch.int64).add_(spec.crop.bbox[axis][0])
         idx = source.mul_(stride) if idx is None else idx.add_(source.mul_(stride))
         stride *= case_shape[axis + offset]
     if spec.slice_index is not None:
@@ -123,8 +124,8 @@ def resampled_coordinates(crop: CropSpec, grid: torch.Tensor, align_corners: boo
     positions = []
     for axis, (c0, end) in enumerate(crop.bbox):
         size = end - c0
-        scale, shift = ((size - 1) / 2, (size - 1) / 2) if align_corners else (size / 2, (size - 1) / 2)
-        positions.append(grid[..., dims - 1 - axis] * scale + shift)
+        scale = (size - 1) / 2 if align_corners else size / 2  # grid_sample's unnormalisation
+        positions.append(grid[..., dims - 1 - axis] * scale + (size - 1) / 2)
     return _fill(torch.empty((dims + 1, *grid.shape[:-1]), dtype=torch.float32), positions, crop)
 
 

@@ -465,7 +465,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         """True from the epoch ``dale_memory_horizon`` of the training on: the buffers (and the
         mixtures fitted to them) then stay as they were, an early-learning ensemble."""
         epoch = self.current_epoch if epoch is None else epoch
-        limit = max(1, round(self.dale_memory_horizon * self.num_epochs))
+        limit = self._fixed_horizon()
         if self._curve_horizon is not None:
             limit = min(limit, self._curve_horizon)
         return epoch >= limit
@@ -481,8 +481,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if self._curve_horizon is not None:
             self.print_to_log_file(
                 f"DALE: every class's label-confidence curve has saturated (epochs {self._curve_saturation}): "
-                f"the memory is frozen from epoch {self._curve_horizon} on (fixed limit: "
-                f"{max(1, round(self.dale_memory_horizon * self.num_epochs))})")
+                f"the memory is frozen from epoch {self._curve_horizon} on (fixed limit: {self._fixed_horizon()})")
+
+    def _fixed_horizon(self) -> int:
+        """The epoch ``dale_memory_horizon`` of the training: the latest the memory freezes."""
+        return max(1, round(self.dale_memory_horizon * self.num_epochs))
 
     @torch.no_grad()
     def update_memory(self, batch: dict, output) -> None:
