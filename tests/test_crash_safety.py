@@ -167,6 +167,40 @@ def test_kills_at_every_write_leave_a_resumable_fold(crash_tree):
     assert "'fold': 0" in proc.stderr and "'fold': 1" in proc.stderr and "without --c" in proc.stderr
 
 
+RANDOM_KILLS = 12  # with the 7 chosen moments and the random delay above: 20 kills across the chain
+
+
+def test_random_kills_while_the_writer_is_busy_leave_a_resumable_fold(crash_tree):
+    """SIGKILLs at seeded random memory updates, half-way through the background writer's apply,
+    one run after another with ``--c``; the memory is never frozen (``_noHorizon``) so that every
+    epoch updates it and checkpoints are written while updates are pending. Each kill leaves a
+    consistent fold, each next run resumes from its checkpoint, and the last run finishes."""
+    tree = crash_tree
+    trainer = "nnUNetTrainerDALE_noHorizon"
+    env = tree.env(nnUNet_DALE_iters="2", nnUNet_DALE_val_iters="1", nnUNet_DALE_save_every="1",
+                   nnUNet_DALE_epochs="100")
+    args = ["989", "2d", "0", "-tr", trainer, "-device", "cpu"]
+    fold = tree.results / "Dataset989_Crash" / f"{trainer}__nnUNetPlans__2d" / "fold_0"
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    found: dict[str, int] = {}
+    epochs_seen = []
+    for i in range(RANDOM_KILLS):
+        kill = ("apply", rng.randint(1, 8), r".")
+        note = f"kill {i + 1}/{RANDOM_KILLS} at {kill} (seed {seed})"
+        out = killed_run(args + (["--c"] if i else []), env, kill)
+        if found.get("checkpoint_latest.pth") is not None:  # the previous kill left a checkpoint: resumed from it
+            assert f"DALE memory (restored from epoch {found['checkpoint_latest.pth']})" in out, (note, out[-2000:])
+        found = assert_consistent(fold, note)
+        epochs_seen.append(found.get("checkpoint_latest.pth"))
+    assert epochs_seen[-1] is not None and epochs_seen[-1] >= 1, (seed, epochs_seen)  # checkpoints were written
+
+    last = found["checkpoint_latest.pth"] + 2
+    out = run([tool("nnUNetv2_train"), *args, "--c"], {**env, "nnUNet_DALE_epochs": str(last)}, timeout=600).stdout
+    assert f"DALE memory (restored from epoch {found['checkpoint_latest.pth']})" in out, (seed, out[-2000:])
+    assert assert_consistent(fold, f"finished (seed {seed})")["checkpoint_final.pth"] == last
+
+
 def test_full_disk_during_checkpoint_is_refused_clearly_and_resumable(crash_tree):
     """The file-size limit of the running trainer is lowered under its checkpoint size after its
     first checkpoint (prlimit: the kernel then fails the write as on a full disk)."""
