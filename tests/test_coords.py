@@ -196,3 +196,26 @@ def test_described_coordinates_equal_the_transformed_map(dims):
         both = valid_map & valid_spec
         assert float((built[:-1] - out["map"][:-1])[:, both].abs().max()) < 0.01
     assert {k[0] for k in kinds} == {False, True} and {k[1] for k in kinds} == {False, True}  # crops and resamplings, mirrored and not
+
+
+@pytest.mark.parametrize("matrix", ["aligned", "yz-rotated", "rotated"])
+@pytest.mark.parametrize("dims", [2, 3])
+def test_described_source_indices_equal_those_of_the_built_map(dims, matrix):
+    """The source indices read straight from a PatchSpec (one-axis shapes where the matrix does
+    not mix axes) are those of its built coordinate map, flipped, scaled, rotated, partly outside
+    the case, and for a 2d patch of a 3D case."""
+    c, s = np.cos(0.4), np.sin(0.4)
+    patch = (20, 24, 18)[-dims:]
+    case = (9, 30, 26) if dims == 2 else (25, 30, 26)  # a 2d patch lies in a slice of the 3D case
+    bbox = ((-3, 27), (4, 30), (-2, 22))[-dims:]
+    matrices = {"aligned": np.diag([1.1, 0.9, 1.2][-dims:]),
+                "yz-rotated": np.array([[1.0, 0, 0], [0, c, -s], [0, s, c]])[-dims:, -dims:],
+                "rotated": np.array([[c, -s, 0], [s * c, c * c, -s], [s * s, c * s, c]])[-dims:, -dims:]}
+    spec = PatchSpec(CropSpec(bbox, case[-dims:]), patch, tuple(map(tuple, matrices[matrix])),
+                     tuple((e - b - 1) / 2 + 0.37 for b, e in bbox), flips=(0,),
+                     slice_index=4.0 if dims == 2 else None)
+    idx, valid = source_indices(spec, case)
+    ref_idx, ref_valid = source_indices(coordinate_map(spec), case)
+    assert 0.3 < valid.float().mean() < 1  # partly outside the case, as asked
+    assert torch.equal(valid, ref_valid)
+    assert torch.equal(idx[valid], ref_idx[valid])

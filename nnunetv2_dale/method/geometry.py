@@ -62,7 +62,9 @@ def _fill(out: torch.Tensor, positions, crop: CropSpec) -> torch.Tensor:
 
 
 def _positions(spec: PatchSpec, device: torch.device | str | None) -> list[torch.Tensor]:
-    """Per spatial axis, the crop position of every patch voxel (float32, broadcast to the patch)."""
+    """Per spatial axis, the crop position of every patch voxel (float32), broadcastable to the
+    patch: an axis the matrix does not mix with others keeps its one-axis shape (nnU-Net's
+    samples without rotation), so the per-voxel work below runs on a few hundred values."""
     dims = len(spec.patch_size)
     centred = []
     for b, size in enumerate(spec.patch_size):
@@ -74,7 +76,7 @@ def _positions(spec: PatchSpec, device: torch.device | str | None) -> list[torch
         for b in range(dims):
             if spec.matrix[a][b] != 0:
                 p = p + centred[b] * spec.matrix[a][b]
-        positions.append(p.expand(spec.patch_size))
+        positions.append(p)
     return positions
 
 
@@ -107,13 +109,13 @@ def described_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thres
     offset = len(case_shape) - len(spec.patch_size)  # a 2d patch of a 3D case: z is the slice
     for axis, p in reversed(list(enumerate(_positions(spec, device)))):
         w, inside = _along_axis(p, spec.crop, axis)
-        weight = w if weight is None else weight.mul_(w)
-        source = inside.round_().to(torch.int64).add_(spec.crop.bbox[axis][0])
-        idx = source.mul_(stride) if idx is None else idx.add_(source.mul_(stride))
+        source = inside.round_().to(torch.int64).add_(spec.crop.bbox[axis][0]).mul_(stride)
+        weight = w if weight is None else weight * w  # broadcasts up to the patch
+        idx = source if idx is None else idx + source
         stride *= case_shape[axis + offset]
     if spec.slice_index is not None:
-        idx.add_(int(spec.slice_index) * stride)
-    return idx.reshape(-1), (weight > threshold).reshape(-1)
+        idx = idx + int(spec.slice_index) * stride
+    return idx.expand(spec.patch_size).reshape(-1), (weight > threshold).expand(spec.patch_size).reshape(-1)
 
 
 def resampled_coordinates(crop: CropSpec, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:
