@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, slope_drop, update_saturation
+from nnunetv2_dale.method.schedule import STABLE, WARMUP
 from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 
 
@@ -54,6 +55,7 @@ def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
     def trainer_state(logger):
         t = SimpleNamespace(dale_horizon_from_curve=True, dale_horizon_slope_drop=0.9, dale_memory_horizon=0.3,
                             num_epochs=100, _curve_horizon=None, _curve_saturation=[], current_epoch=0,
+                            dale_warmup_fraction=0.1, dale_phase_period=1, dale_use_alternation=True,
                             logger=logger, print_to_log_file=lambda *a, **k: None)
         t.memory_frozen = lambda epoch=None: nnUNetTrainerDALE.memory_frozen(t, epoch)
         t._fixed_horizon = lambda: nnUNetTrainerDALE._fixed_horizon(t)
@@ -80,5 +82,11 @@ def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
         assert (resumed._curve_horizon, resumed._curve_saturation) == (trainer._curve_horizon, trainer._curve_saturation)
     assert frozen_at is not None and 3 <= frozen_at < 30 and frozen_at == trainer._curve_horizon
     assert nnUNetTrainerDALE.memory_frozen(trainer, frozen_at) and not nnUNetTrainerDALE.memory_frozen(trainer, frozen_at - 1)
+    # DALE's objective starts when the memory freezes, if that comes before the fixed warm-up (10 epochs)
+    trainer.warmup_end = lambda: nnUNetTrainerDALE.warmup_end(trainer)
+    start = nnUNetTrainerDALE.warmup_end(trainer)
+    assert start == min(10, frozen_at)
+    assert [nnUNetTrainerDALE.phase(trainer, e) for e in (start - 1, start)] == [WARMUP, STABLE]
     trainer._curve_horizon = None  # a curve that never saturates: the fixed share still freezes it
     assert nnUNetTrainerDALE.memory_frozen(trainer, 30) and not nnUNetTrainerDALE.memory_frozen(trainer, 29)
+    assert nnUNetTrainerDALE.warmup_end(trainer) == 10 and nnUNetTrainerDALE.phase(trainer, 9) == WARMUP

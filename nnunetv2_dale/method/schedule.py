@@ -1,8 +1,8 @@
 """The alternating schedule (DESIGN.md 1.3): a pure function of the epoch, so ``--c`` resumes in
 the right phase.
 
-warm-up (the first ``warmup_fraction`` of the epochs, at least one): nnU-Net's stock loss while the
-memory fills; then blocks of ``period`` epochs alternate, stable phase first. Without alternation
+warm-up (the first ``warmup_fraction`` of the epochs, at least one, or fewer where the trainer's
+curve horizon froze the memory earlier): nnU-Net's stock loss while the memory fills; then blocks of ``period`` epochs alternate, stable phase first. Without alternation
 every post-warm-up epoch is "joint" (both objectives summed).
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ def warmup_epochs(num_epochs: int, warmup_fraction: float) -> int:
     return max(1, round(num_epochs * warmup_fraction))
 
 
-def phase_of_epoch(epoch: int, num_epochs: int, warmup_fraction: float = 0.1, period: int = 1,
-                   alternate: bool = True) -> str:
-    w = warmup_epochs(num_epochs, warmup_fraction)
+def phase_of_epoch(epoch: int, warmup: int, period: int = 1, alternate: bool = True) -> str:
+    """The phase of ``epoch`` when the first ``warmup`` epochs are the warm-up."""
+    w = warmup
     if epoch < w:
         return WARMUP
     if not alternate:
@@ -25,11 +25,11 @@ def phase_of_epoch(epoch: int, num_epochs: int, warmup_fraction: float = 0.1, pe
     return STABLE if ((epoch - w) // max(period, 1)) % 2 == 0 else FUZZY
 
 
-def alignment_weight(epoch: int, num_epochs: int, warmup_fraction: float, max_weight: float,
+def alignment_weight(epoch: int, num_epochs: int, warmup: int, max_weight: float,
                      rampup_fraction: float = 0.2) -> float:
-    """lambda: 0 during warm-up, then a linear ramp to ``max_weight`` over ``rampup_fraction`` of
-    the remaining epochs."""
-    w = warmup_epochs(num_epochs, warmup_fraction)
+    """lambda: 0 during the ``warmup`` epochs, then a linear ramp to ``max_weight`` over
+    ``rampup_fraction`` of the remaining epochs."""
+    w = warmup
     if epoch < w:
         return 0.0
     ramp = max(1.0, rampup_fraction * (num_epochs - w))

@@ -34,7 +34,8 @@ from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_
                                         loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
 from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, update_saturation
-from nnunetv2_dale.method.schedule import FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight, phase_of_epoch
+from nnunetv2_dale.method.schedule import (FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight,
+                                           phase_of_epoch, warmup_epochs)
 from nnunetv2_dale.method.memory import (MANIFEST, ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
                                          write_json_atomic)
 from nnunetv2_dale.utilities.budget import nnUNetTrainerBudget
@@ -81,7 +82,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     Hyperparameters (instance attributes, set in ``__init__``; defaults are ours, see docs/method.md):
 
-    - ``dale_warmup_fraction`` (0.1): share of epochs trained with the stock loss first.
+    - ``dale_warmup_fraction`` (0.1): share of epochs trained with the stock loss first (ends
+      earlier where the curve horizon froze the memory earlier: ``warmup_end``).
     - ``dale_phase_period`` (1): epochs per stable/fuzzy block.
     - ``dale_min_visits`` (3): voxels visited fewer times keep omega = 1.
     - ``dale_mixture_tied`` (True): both mixture components share one variance (omega monotone in
@@ -208,8 +210,15 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def phase(self, epoch: int | None = None) -> str:
         epoch = self.current_epoch if epoch is None else epoch
-        return phase_of_epoch(epoch, self.num_epochs, self.dale_warmup_fraction, self.dale_phase_period,
-                              self.dale_use_alternation)
+        return phase_of_epoch(epoch, self.warmup_end(), self.dale_phase_period, self.dale_use_alternation)
+
+    def warmup_end(self) -> int:
+        """The first epoch of DALE's objective: after ``dale_warmup_fraction`` of the epochs, or
+        from the epoch the curve horizon froze the memory if that came first (the warm-up is there
+        to fill the memory; at nnU-Net's 1000 epochs the fixed share alone is 100 epochs of the
+        stock loss, long into memorisation)."""
+        fixed = warmup_epochs(self.num_epochs, self.dale_warmup_fraction)
+        return fixed if self._curve_horizon is None else min(fixed, self._curve_horizon)
 
     def get_dataloaders(self):
         sampler = FuzzySampler(self.memory_folder) if self.dale_fuzzy_sampling_share > 0 else None
@@ -358,7 +367,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 collaborative = self.loss(output, target, weights=weights if ds else weights[0])
             loss = loss + collaborative
             terms["fuzzy_loss"] = float(collaborative.detach())
-            lam = alignment_weight(self.current_epoch, self.num_epochs, self.dale_warmup_fraction,
+            lam = alignment_weight(self.current_epoch, self.num_epochs, self.warmup_end(),
                                    self.dale_align_weight, self.dale_align_rampup_fraction)
             if self.dale_use_alignment and self.alignment.features is not None and lam > 0:
                 members = (fuzzy * soft).to(self.device)
