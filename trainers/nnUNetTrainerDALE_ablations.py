@@ -7,4 +7,5 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetT
                                            nnUNetTrainerDALE_noAlign, nnUNetTrainerDALE_noAlternation,
                                            nnUNetTrainerDALE_noConfidence, nnUNetTrainerDALE_noCorrection,
                                            nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_noHorizon,
-                                           nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01)
+                                           nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01,
+                                           nnUNetTrainerDALE_wideReference)

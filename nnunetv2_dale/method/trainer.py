@@ -120,6 +120,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       agreement between the network and the early ensemble against the label): the alignment then
       consolidates what the network does, instead of pulling voxels it has learnt toward the early
       ensemble's errors.
+    - ``dale_reliable_certain`` (True): the reliable membership is omega (1 - ER); False: omega
+      alone, so the alignment's reference keeps the trusted voxels the ensemble is unsure of.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -168,6 +170,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_worker_reads = True
         self.dale_boundary_margin = 0
         self.dale_align_agreement = False
+        self.dale_reliable_certain = True
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -437,7 +440,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if not self.dale_use_confidence:
             reliable, fuzzy, omega = 1 - entropy, entropy, torch.ones_like(omega)
         else:
-            reliable, fuzzy = omega * (1 - entropy), 1 - omega
+            reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
+            fuzzy = 1 - omega
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss

@@ -163,3 +163,11 @@ class nnUNetTrainerDALE_curveHorizon(nnUNetTrainerDALE):
     """Tuning variant: the memory freezes when every class's label-confidence curve has saturated
     (ADELE's criterion, ``dale_horizon_from_curve``), at the latest at the fixed share."""
     dale_overrides = {"dale_horizon_from_curve": True}
+
+
+class nnUNetTrainerDALE_wideReference(nnUNetTrainerDALE):
+    """Tuning variant (with the curve horizon): the alignment's reliable reference weighted by omega
+    alone instead of omega (1 - ER) (``dale_reliable_certain`` False), so it keeps the correctly
+    labelled voxels the ensemble is unsure of (boundaries) and does not pull the flagged voxels'
+    features toward interior ones only."""
+    dale_overrides = {"dale_horizon_from_curve": True, "dale_reliable_certain": False}
