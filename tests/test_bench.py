@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import clean_env, run, tool
-from nnunetv2_dale.bench.cli import PRESETS, noisy_copy, parse_noise, parse_phantom_source
+from nnunetv2_dale.bench.cli import PRESETS, noisy_copy, parse_noise, parse_phantom_source, save_results
 from nnunetv2_dale.bench.metrics import case_metrics, dice, hd95
 from nnunetv2_dale.data.noise import NoiseSpec
 from nnunetv2_dale.data.phantoms import make_phantom_dataset
@@ -64,6 +64,27 @@ def test_metrics_against_hand_computed_values():
     assert perfect["band_dice"] == 1.0 and perfect["hd95"] == 0.0
     empty = case_metrics(np.zeros_like(ref), ref, (999.0, 1.0, 1.0), [1], band_mm=1.0)["1"]
     assert empty["dice"] == 0.0 and np.isnan(empty["hd95"])
+
+
+def test_two_bench_commands_on_one_folder_keep_each_others_runs(tmp_path):
+    """Two commands writing to the same benchmark folder side by side (each read results.json when
+    it started): neither drops the other's runs, both invocations are listed."""
+    file = tmp_path / "results.json"
+    a = {"settings": {"seeds": [0]}, "versions": {}, "runs": {}}
+    b = {"settings": {"seeds": [1]}, "versions": {}, "runs": {}}
+    save_results(file, a, [])
+    save_results(file, b, [])
+    a["runs"]["ds0/t"] = {"metrics": {"dice": 0.8}}
+    save_results(file, a, ["ds0/t"])
+    b["runs"]["ds1/t"] = {"metrics": {"dice": 0.7}}
+    save_results(file, b, ["ds1/t"])
+    on_disk = json.loads(file.read_text())
+    assert set(on_disk["runs"]) == {"ds0/t", "ds1/t"} and on_disk == b
+    assert on_disk["invocations"] == [{"seeds": [0]}, {"seeds": [1]}]
+    b["runs"]["ds0/t"] = {"metrics": {"dice": 0.0}}  # a run the command did not write is not overwritten
+    save_results(file, b, [])
+    assert json.loads(file.read_text())["runs"]["ds0/t"]["metrics"]["dice"] == 0.8
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_noisy_copy_png_is_deterministic_and_never_touches_the_source(tmp_path):

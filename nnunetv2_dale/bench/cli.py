@@ -353,11 +353,9 @@ def run(args: argparse.Namespace, out: Path) -> None:
     env.update(nnUNet_DALE_epochs=str(args.epochs), nnUNet_DALE_iters=str(args.iters),
                nnUNet_DALE_val_iters=str(args.val_iters or max(1, args.iters // 5)))
     results_file = out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     settings = {k: v for k, v in vars(args).items() if k not in ("report_only",)}
-    results.update(settings={**settings, "source": str(source)}, versions=versions())
-    results.setdefault("invocations", []).append(results["settings"])  # one benchmark folder may be extended
-    results.setdefault("runs", {})
+    results = {"settings": {**settings, "source": str(source)}, "versions": versions(), "runs": {}}
+    save_results(results_file, results, [])  # one benchmark folder may be extended, also by commands running beside
     total = len(specs) * len(args.seeds) * len(args.trainers)
     done = 0
     t_start = time.time()
@@ -384,7 +382,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
 
                 print(f"[{name}] cost benchmark (interleaved, same batches)", flush=True)
                 results["cost"] = {"dataset": name, **measure(did, configuration, "nnUNetPlans_cpu", env)}
-                results_file.write_text(json.dumps(results, indent=1))
+                save_results(results_file, results, [])
             for trainer in args.trainers:
                 done += 1
                 real = BASELINE_ALIAS.get(trainer, trainer)
@@ -416,12 +414,34 @@ def run(args: argparse.Namespace, out: Path) -> None:
                 if (fold / "dale_memory").is_dir() and spec.model != "none":
                     record["noise_detection"] = noise_auroc(fold, out / "nnUNet_preprocessed", raw, dataset_json)
                 results["runs"][key] = record
-                results_file.write_text(json.dumps(results, indent=1))
+                save_results(results_file, results, [key])
                 m = record["metrics"]
                 det = record.get("noise_detection", {}).get("auroc")
                 print(f"{label}: Dice {m['dice']:.4f}, band Dice {m['band_dice']:.4f}, HD95 {m['hd95']:.2f}"
                       + (f", noise AUROC {det:.3f}" if det is not None else "")
                       + f" ({(time.time() - t_start) / 60:.1f} min so far)", flush=True)
+
+
+def save_results(results_file: Path, results: dict, keys: list[str]) -> None:
+    """Merge this command's ``results`` into ``results_file`` and back: the runs ``keys`` (and its
+    settings, versions, cost and invocation) are this command's, every other run is kept as another
+    command (e.g. one running beside it on the same folder) wrote it. Read and written under an
+    exclusive lock, replaced atomically; ``results`` then holds the merged content."""
+    import fcntl
+
+    with open(results_file.with_name(".results.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = json.loads(results_file.read_text()) if results_file.is_file() else {}
+        merged.setdefault("runs", {}).update({k: results["runs"][k] for k in keys})
+        merged.update({k: v for k, v in results.items() if k not in ("runs", "invocations")})
+        invocations = merged.setdefault("invocations", [])
+        if results["settings"] not in invocations:
+            invocations.append(results["settings"])
+        tmp = results_file.with_name(results_file.name + ".tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        os.replace(tmp, results_file)
+    results.clear()
+    results.update(merged)
 
 
 def dataset_slot(raw_root: Path, suffix: str, first_id: int) -> tuple[int, str]:
