@@ -115,6 +115,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       afterwards q, and the mixtures fitted to it, are frozen: an early-learning ensemble that
       cannot follow the network into memorising the noise (1.0, never frozen, was the default
       before; ``nnUNetTrainerDALE_noHorizon``). docs/method.md section 7 has the numbers.
+    - ``dale_horizon_from_curve`` (True): the memory freezes earlier, once every class's
+      label-confidence curve has saturated (ADELE's criterion, ``horizon.py``; slope drop
+      ``dale_horizon_slope_drop`` 0.9), and DALE's objective starts then if the warm-up has not
+      ended yet; the share above is then only the latest. False (the fixed share alone) was the
+      default before; ``nnUNetTrainerDALE_fixedHorizon``. docs/method.md 7.4-7.5.
     - ``dale_align_agreement`` (False): align a fuzzy voxel's features only where the network's
       current prediction already agrees with the collaborative target's class (a co-teaching-style
       agreement between the network and the early ensemble against the label): the alignment then
@@ -164,7 +169,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_fuzzy_correction = True
         self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
-        self.dale_horizon_from_curve = False
+        self.dale_horizon_from_curve = True
         self.dale_horizon_slope_drop = 0.9
         self.dale_background_writes = True
         self.dale_worker_reads = True
