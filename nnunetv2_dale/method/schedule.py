@@ -2,8 +2,9 @@
 the right phase.
 
 warm-up (the first ``warmup_fraction`` of the epochs, at least one, or fewer where the trainer's
-curve horizon froze the memory earlier): nnU-Net's stock loss while the memory fills; then blocks of ``period`` epochs alternate, stable phase first. Without alternation
-every post-warm-up epoch is "joint" (both objectives summed).
+curve horizon froze the memory earlier): nnU-Net's stock loss while the memory fills; then blocks
+of ``period`` epochs alternate, stable phase first. Without alternation every post-warm-up epoch
+is "joint" (both objectives summed).
 """
 from __future__ import annotations
 
@@ -17,20 +18,18 @@ def warmup_epochs(num_epochs: int, warmup_fraction: float) -> int:
 
 def phase_of_epoch(epoch: int, warmup: int, period: int = 1, alternate: bool = True) -> str:
     """The phase of ``epoch`` when the first ``warmup`` epochs are the warm-up."""
-    w = warmup
-    if epoch < w:
+    if epoch < warmup:
         return WARMUP
     if not alternate:
         return JOINT
-    return STABLE if ((epoch - w) // max(period, 1)) % 2 == 0 else FUZZY
+    return STABLE if ((epoch - warmup) // max(period, 1)) % 2 == 0 else FUZZY
 
 
 def alignment_weight(epoch: int, num_epochs: int, warmup: int, max_weight: float,
                      rampup_fraction: float = 0.2) -> float:
     """lambda: 0 during the ``warmup`` epochs, then a linear ramp to ``max_weight`` over
     ``rampup_fraction`` of the remaining epochs."""
-    w = warmup
-    if epoch < w:
+    if epoch < warmup:
         return 0.0
-    ramp = max(1.0, rampup_fraction * (num_epochs - w))
-    return max_weight * min(1.0, (epoch - w + 1) / ramp)
+    ramp = max(1.0, rampup_fraction * (num_epochs - warmup))
+    return max_weight * min(1.0, (epoch - warmup + 1) / ramp)
