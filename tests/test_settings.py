@@ -162,7 +162,7 @@ def _reference_rset_maps(trainer, batch):
         qk = torch.where(known[:, None], qk, torch.nn.functional.one_hot(lab, k).float())
         omega[b], entropy[b], known_full[b] = om.reshape(shape[1:]), er.reshape(shape[1:]), known.reshape(shape[1:])
         q_full[b] = qk.T.reshape(k, *shape[2:])
-    reliable, fuzzy = omega * (1 - entropy), 1 - omega
+    reliable, fuzzy = omega * (1 - entropy) if trainer.dale_reliable_certain else omega, 1 - omega
     onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
     soft = collaborative_target(onehot, q_full, omega, entropy, trainer.dale_sharpen_temperature,
                                 trainer.dale_certain_correction)
@@ -188,7 +188,8 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
     worker_batch = next(trainer.dataloader_train)
     assert worker_batch["dale_q"].dtype == torch.float16 and worker_batch["dale_visits"].dtype == torch.uint8
     host_batch = {k: v for k, v in worker_batch.items() if not k.startswith("dale_")}
-    for b in (batch, worker_batch, host_batch):
+    for b, certain in [(b, c) for b in (batch, worker_batch, host_batch) for c in (False, True)]:
+        trainer.dale_reliable_certain = certain  # the reliable membership: omega, or omega (1 - ER)
         got, want = trainer.rset_maps(b), _reference_rset_maps(trainer, b)
         assert 0 < float(want[6].float().mean()) < 1  # some voxels known, some not
         for name, g, w in zip(("omega", "reliable", "fuzzy", "soft", "onehot", "ensemble", "known"), got, want):

@@ -125,8 +125,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       agreement between the network and the early ensemble against the label): the alignment then
       consolidates what the network does, instead of pulling voxels it has learnt toward the early
       ensemble's errors.
-    - ``dale_reliable_certain`` (True): the reliable membership is omega (1 - ER); False: omega
-      alone, so the alignment's reference keeps the trusted voxels the ensemble is unsure of.
+    - ``dale_reliable_certain`` (False): the reliable membership is omega alone, so the alignment's
+      reference keeps the trusted voxels the ensemble is unsure of (boundaries); True: omega (1 - ER),
+      the default before (``nnUNetTrainerDALE_curveHorizon``). docs/method.md 7.5-7.6.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -175,7 +176,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_worker_reads = True
         self.dale_boundary_margin = 0
         self.dale_align_agreement = False
-        self.dale_reliable_certain = True
+        self.dale_reliable_certain = False
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
