@@ -341,3 +341,28 @@ def test_update_matches_the_per_voxel_reference(tmp_path):
     _, confidence, _, got_hist = mem.finish_epoch()
     np.testing.assert_array_equal(got_hist, hist)
     np.testing.assert_allclose(confidence, conf_sum / conf_cnt, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_worker_reads_equal_the_memorys_own(tmp_path, num_classes):
+    """The augmentation workers' reads (``read_live_buffers``: one channel from a flat view, several
+    as rows) return the buffer values ``ConfidenceMemory.read`` returns, at repeated and unordered
+    indices."""
+    from nnunetv2_dale.method.sampling import read_live_buffers
+
+    mem = make_memory(tmp_path, num_classes)
+    mem.reset()
+    rng = np.random.default_rng(0)
+    n = int(np.prod(SHAPES["case_a"]))
+    for _ in range(3):
+        index = torch.from_numpy(rng.integers(0, n, 15))
+        probs = torch.softmax(torch.from_numpy(rng.normal(size=(15, num_classes))).float(), 1)
+        mem.update("case_a", index, probs, torch.from_numpy(rng.integers(0, num_classes, 15)))
+    mem.flush()
+    where = rng.integers(0, n, 40)
+    q, visits = read_live_buffers(mem.live, "case_a", n, mem.channels, where)
+    want_q, want_visits = mem.read("case_a", torch.from_numpy(where))
+    assert q.shape == (40, mem.channels) and q.dtype == np.float16 and visits.dtype == np.uint8
+    np.testing.assert_array_equal(q.astype(np.float32), want_q.numpy())
+    np.testing.assert_array_equal(visits.astype(np.int64), want_visits.numpy())
+    assert visits.max() > 0 and (visits == 0).any()  # some voxels visited, some not
