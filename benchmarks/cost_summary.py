@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
+from progress_plot_cost import time_plots  # this folder's scripts (run as python benchmarks/...)
+from snapshot_cost import measure
 
 HERE = Path(__file__).parent
 SHAPES = {  # this file's shape -> (memory_cost.json key, loader_cost.json key)
@@ -40,50 +39,6 @@ SHAPES = {  # this file's shape -> (memory_cost.json key, loader_cost.json key)
     "2d 12x512^2 binary": ("2d 12x512^2 binary", "2d 12x512^2"),
 }
 LATEST_EVERY = 50  # nnU-Net's save_every
-
-
-def progress_extra_s(epochs: int) -> tuple[float, float]:
-    """Seconds per progress.png for nnU-Net's logger and DALE's, ``epochs`` of logged values."""
-    from nnunetv2.training.logging.nnunet_logger import LocalLogger
-
-    from nnunetv2_dale.method.progress import DALELocalLogger
-
-    times: dict[type, list[float]] = {LocalLogger: [], DALELocalLogger: []}
-    out = tempfile.mkdtemp()
-    for cls in (LocalLogger, DALELocalLogger) * 3:
-        logger = cls()
-        for epoch in range(epochs):
-            for key in list(logger.my_fantastic_logging):
-                per_class = key in ("dice_per_class_or_region", "dale_mean_confidence")
-                logger.log(key, [0.5, 0.6] if per_class else float(np.random.rand()), epoch)
-        start = time.perf_counter()
-        logger.plot_progress_png(out)
-        times[cls].append(time.perf_counter() - start)
-    shutil.rmtree(out, ignore_errors=True)
-    return statistics.median(times[LocalLogger]), statistics.median(times[DALELocalLogger])
-
-
-def snapshot_s(gib: float, cases: int = 100) -> tuple[float, float]:
-    """(copying snapshot, linked snapshot) seconds for ``gib`` of binary buffers."""
-    from nnunetv2_dale.method.memory import ConfidenceMemory
-
-    folder = Path(tempfile.mkdtemp(prefix="dale_cost_summary_"))
-    try:
-        voxels = int(gib * 2 ** 30 / 3 / cases)
-        mem = ConfidenceMemory(folder, {f"case_{i:04d}": (1, voxels) for i in range(cases)}, 2, {"dataset": "bench"})
-        mem.reset()
-        rng = np.random.default_rng(0)
-        for key in mem.case_shapes:
-            for path, size in mem._buffer_files(mem.live, key):
-                path.write_bytes(rng.integers(0, 255, size, dtype=np.uint8).tobytes())
-        start = time.perf_counter()
-        mem.snapshot(1)
-        copy = time.perf_counter() - start
-        start = time.perf_counter()
-        mem.snapshot(2, same_as=1)
-        return copy, time.perf_counter() - start
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def copies_before_freeze(freeze_epoch: int, epochs: int) -> int:
@@ -105,8 +60,8 @@ def main() -> None:
 
     memory = json.loads((HERE / "memory_cost.json").read_text())
     loader = json.loads((HERE / "loader_cost.json").read_text())["results"]
-    nnunet_png, dale_png = progress_extra_s(min(args.epochs, 1000))
-    copy, link = snapshot_s(args.measure_gib)
+    nnunet_png, dale_png = (statistics.median(t) for t in time_plots(min(args.epochs, 1000), repeats=3).values())
+    copy, link, _, _ = measure(args.measure_gib, 100, Path(tempfile.mkdtemp(prefix="dale_cost_summary_")))
     copy_per_gib = copy / args.measure_gib
     extras = {}
     for h in args.freeze_epochs:

@@ -29,9 +29,10 @@ def read_live_buffers(live: Path, key: str, n: int, channels: int, where: np.nda
                       ) -> tuple[np.ndarray, np.ndarray] | None:
     """(q float16 (len, channels), visits uint8) of case ``key`` at flat indices ``where``, read
     from the live buffer files; None while they are missing or being replaced."""
-    try:  # one channel: gathered from a flat view (2-3x faster than rows of an (n, 1) array)
-        q = (np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n,))[where].reshape(-1, 1)
-             if channels == 1 else np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n, channels))[where])
+    try:
+        q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n * channels,))
+        # one channel: gathered from the flat file (2-3x faster than rows of an (n, 1) array)
+        q = q[where].reshape(-1, 1) if channels == 1 else q.reshape(n, channels)[where]
         visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[where]
     except (FileNotFoundError, ValueError):
         return None
