@@ -71,9 +71,9 @@ def make_trainer(folder: Path, case: tuple[int, ...], batch: int, classes: int, 
                                 background=background)
     t.memory.reset()
     t.mixtures = [Mixture(weights=(0.9, 0.1), means=(0.1, 2.0), stds=(0.3, 0.3), fitted=True)] * classes
+    t.set_dale_hyperparameters()  # the defaults of nnUNetTrainerDALE
     t.current_epoch, t.num_epochs, t.dale_memory_horizon, t._curve_horizon = 0, 1000, 1.0, None
-    t.dale_min_visits, t.dale_use_confidence, t.dale_sharpen_temperature = 1, True, 0.5
-    t.dale_certain_correction, t.dale_boundary_margin = False, 0
+    t.dale_horizon_from_curve, t.dale_min_visits = False, 1
     return t
 
 

@@ -127,6 +127,9 @@ def test_schedule_is_a_function_of_the_epoch():
     assert phase_of_epoch(10, 2, 1, alternate=False) == JOINT
     assert alignment_weight(1, 20, 2, 0.1) == 0 and alignment_weight(19, 20, 2, 0.1) == pytest.approx(0.1)
     assert 0 < alignment_weight(2, 20, 2, 0.1) < 0.1
+    # the cool-down: full weight until the last quarter, then linearly down to 1/5 of it in the last epoch
+    assert alignment_weight(15, 20, 2, 0.1, cooldown_fraction=0.25) == pytest.approx(0.1)
+    assert alignment_weight(19, 20, 2, 0.1, cooldown_fraction=0.25) == pytest.approx(0.02)
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Thin module found by nnU-Net through ``nnUNet_extTrainer``: ablation and tuning variants of nnUNetTrainerDALE."""
-from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_certain,  # noqa: F401
+from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetTrainerDALE_agreeWeights, nnUNetTrainerDALE_alignCooldown,  # noqa: F401
+                                           nnUNetTrainerDALE_balanced, nnUNetTrainerDALE_certain,
                                            nnUNetTrainerDALE_consistency, nnUNetTrainerDALE_correctOnly, nnUNetTrainerDALE_curveHorizon, nnUNetTrainerDALE_fixedHorizon,
                                            nnUNetTrainerDALE_floor, nnUNetTrainerDALE_halfAlign,
                                            nnUNetTrainerDALE_horizon, nnUNetTrainerDALE_lightAlign,

@@ -103,19 +103,31 @@ def coordinate_map(spec: PatchSpec, device: torch.device | str | None = None) ->
 def described_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], threshold: float,
                              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``coords.source_indices`` of ``coordinate_map(spec)``, without building the map: the
-    flat source index (int64) and validity (interpolated validity > ``threshold``) per voxel."""
+    flat source index (int64) and validity (interpolated validity > ``threshold``) per voxel.
+    The index arithmetic runs in int32 where the case allows it, in place where the shapes do."""
     weight = idx = None
     stride = 1
     offset = len(case_shape) - len(spec.patch_size)  # a 2d patch of a 3D case: z is the slice
+    dtype = torch.int32 if math.prod(case_shape) < 2 ** 31 else torch.int64
     for axis, p in reversed(list(enumerate(_positions(spec, device)))):
         w, inside = _along_axis(p, spec.crop, axis)
-        source = inside.round_().to(torch.int64).add_(spec.crop.bbox[axis][0]).mul_(stride)
-        weight = w if weight is None else weight * w  # broadcasts up to the patch
-        idx = source if idx is None else idx + source
+        source = inside.round_().to(dtype).add_(spec.crop.bbox[axis][0])
+        if stride != 1:
+            source.mul_(stride)
+        weight = w if weight is None else _accumulate(weight, w, torch.Tensor.mul_)
+        idx = source if idx is None else _accumulate(idx, source, torch.Tensor.add_)
         stride *= case_shape[axis + offset]
     if spec.slice_index is not None:
         idx = idx + int(spec.slice_index) * stride
-    return idx.expand(spec.patch_size).reshape(-1), (weight > threshold).expand(spec.patch_size).reshape(-1)
+    return (idx.expand(spec.patch_size).reshape(-1).to(torch.int64),
+            (weight > threshold).expand(spec.patch_size).reshape(-1))
+
+
+def _accumulate(total: torch.Tensor, term: torch.Tensor, inplace) -> torch.Tensor:
+    """``inplace(total, term)`` where ``total`` already has the broadcast shape, else out of place."""
+    if total.shape == torch.broadcast_shapes(total.shape, term.shape):
+        return inplace(total, term)
+    return inplace(total.expand(torch.broadcast_shapes(total.shape, term.shape)).clone(), term)
 
 
 def resampled_coordinates(crop: CropSpec, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:

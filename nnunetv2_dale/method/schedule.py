@@ -26,10 +26,14 @@ def phase_of_epoch(epoch: int, warmup: int, period: int = 1, alternate: bool = T
 
 
 def alignment_weight(epoch: int, num_epochs: int, warmup: int, max_weight: float,
-                     rampup_fraction: float = 0.2) -> float:
+                     rampup_fraction: float = 0.2, cooldown_fraction: float = 0.0) -> float:
     """lambda: 0 during the ``warmup`` epochs, then a linear ramp to ``max_weight`` over
-    ``rampup_fraction`` of the remaining epochs."""
+    ``rampup_fraction`` of the remaining epochs; over the last ``cooldown_fraction`` of all epochs
+    it falls linearly back towards 0 (the last epoch keeps 1 / (cooldown epochs) of it)."""
     if epoch < warmup:
         return 0.0
     ramp = max(1.0, rampup_fraction * (num_epochs - warmup))
-    return max_weight * min(1.0, (epoch - warmup + 1) / ramp)
+    weight = max_weight * min(1.0, (epoch - warmup + 1) / ramp)
+    if cooldown_fraction > 0:
+        weight *= min(1.0, (num_epochs - epoch) / max(1.0, cooldown_fraction * num_epochs))
+    return weight

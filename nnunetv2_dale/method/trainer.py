@@ -153,6 +153,27 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 "region-based training (regions_class_order in dataset.json) is not supported by "
                 "nnUNetTrainerDALE: its label confidence is defined per class. Train this dataset with "
                 "-tr nnUNetTrainer, or convert it to plain labels.")
+        self.set_dale_hyperparameters()
+        self.mixtures: list[Mixture] = [Mixture() for _ in self.label_manager.all_labels]
+        self.alignment = FeatureAlignment(len(self.label_manager.all_labels))
+        self._epoch_terms: dict[str, list[float]] = {}
+        self.memory: ConfidenceMemory | None = None
+        self._dale_restore: tuple[int, str] | None = None
+        self._curve_saturation: list[int | None] = []  # per class: epoch count at which its curve saturated
+        self._curve_horizon: int | None = None  # epoch from which the curve froze the memory
+        self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
+        self._best_without_buffers = False  # said in the log once
+        self._skipped_steps = 0
+        self.logger.local_logger = DALELocalLogger()
+        self.print_to_log_file(
+            f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
+            f"{'on' if self.dale_use_confidence else 'OFF'}, alternation {'on' if self.dale_use_alternation else 'OFF'}, "
+            f"alignment {'on' if self.dale_use_alignment else 'OFF'}; set by the variant).",
+            also_print_to_console=True,
+        )
+
+    def set_dale_hyperparameters(self) -> None:
+        """DALE's hyperparameters (attributes, as nnU-Net's own), then the variant's ``dale_overrides``."""
         self.dale_ema_min_weight = 0.2
         self.dale_picture_every = 10
         self.dale_warmup_fraction = 0.1
@@ -177,6 +198,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_boundary_margin = 0
         self.dale_align_agreement = False
         self.dale_reliable_certain = False
+        self.dale_align_cooldown_fraction = 0.0
+        self.dale_agreement_weights = False
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -184,23 +207,6 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             if not hasattr(self, name):
                 raise AttributeError(f"{self.__class__.__name__}.dale_overrides: no hyperparameter {name!r}")
             setattr(self, name, value)
-        self.mixtures: list[Mixture] = [Mixture() for _ in self.label_manager.all_labels]
-        self.alignment = FeatureAlignment(len(self.label_manager.all_labels))
-        self._epoch_terms: dict[str, list[float]] = {}
-        self.memory: ConfidenceMemory | None = None
-        self._dale_restore: tuple[int, str] | None = None
-        self._curve_saturation: list[int | None] = []  # per class: epoch count at which its curve saturated
-        self._curve_horizon: int | None = None  # epoch from which the curve froze the memory
-        self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
-        self._best_without_buffers = False  # said in the log once
-        self._skipped_steps = 0
-        self.logger.local_logger = DALELocalLogger()
-        self.print_to_log_file(
-            f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
-            f"{'on' if self.dale_use_confidence else 'OFF'}, alternation {'on' if self.dale_use_alternation else 'OFF'}, "
-            f"alignment {'on' if self.dale_use_alignment else 'OFF'}; set by the variant).",
-            also_print_to_console=True,
-        )
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -377,7 +383,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             loss = loss + collaborative
             terms["fuzzy_loss"] = float(collaborative.detach())
             lam = alignment_weight(self.current_epoch, self.num_epochs, self.warmup_end(),
-                                   self.dale_align_weight, self.dale_align_rampup_fraction)
+                                   self.dale_align_weight, self.dale_align_rampup_fraction,
+                                   self.dale_align_cooldown_fraction)
             if self.dale_use_alignment and self.alignment.features is not None and lam > 0:
                 members = (fuzzy * soft).to(self.device)
                 if self.dale_align_agreement:
@@ -448,6 +455,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         else:
             reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
             fuzzy = 1 - omega
+            if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
+                omega = omega * (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1)
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
@@ -514,16 +523,17 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         the softmax is: on a GPU in this process, batched on the device, and only each patch's
         distinct source voxels travel to the host, without blocking it; the host's part (buffer
         reads and writes, statistics) runs in the memory's background writer. On the CPU all of
-        it runs in the writer."""
+        it, the softmax included, runs in the writer (the network's outputs are not modified in
+        place after the step, so the writer may read them later)."""
         if self.memory is None or "regression_target" not in batch or self.memory_frozen():
             return
-        logits = output[0] if isinstance(output, (list, tuple)) else output
-        probs = torch.softmax(logits.detach().float(), 1)
+        logits = (output[0] if isinstance(output, (list, tuple)) else output).detach()
         target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         keys, shapes, coords = batch["keys"], batch["case_shapes"], batch["regression_target"]
         ignore, channels = self.label_manager.ignore_label, self.memory.channels
 
         def scatter() -> list[tuple[str, PatchUpdate]]:
+            probs = torch.softmax(logits.float(), 1)
             dev = probs.device
             patches = []
             for b, key in enumerate(keys):
@@ -537,7 +547,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                     patches.append((key, patch.to("cpu", non_blocking=True)))
             return patches
 
-        if probs.device.type == "cuda":
+        if logits.device.type == "cuda":
             patches = scatter()
             ready = torch.cuda.Event()
             ready.record()

@@ -186,3 +186,17 @@ class nnUNetTrainerDALE_wideReference(nnUNetTrainerDALE):
     labelled voxels the ensemble is unsure of (boundaries) and does not pull the flagged voxels'
     features toward interior ones only."""
     dale_overrides = {"dale_horizon_from_curve": True, "dale_reliable_certain": False}
+
+
+class nnUNetTrainerDALE_alignCooldown(nnUNetTrainerDALE):
+    """Tuning variant: the alignment weight falls linearly to ~0 over the last 30 % of the epochs
+    (``dale_align_cooldown_fraction``), so the low-learning-rate end of the poly schedule refines
+    boundaries without the pull toward the early ensemble."""
+    dale_overrides = {"dale_align_cooldown_fraction": 0.3}
+
+
+class nnUNetTrainerDALE_agreeWeights(nnUNetTrainerDALE):
+    """Tuning variant: the loss weights and the collaborative target use omega x min(1, 2 q[y])
+    (``dale_agreement_weights``): voxels whose frozen ensemble prefers another class are discounted
+    too (recall of the injected noise 0.39 -> 0.65 offline); the R-sets of the alignment keep omega."""
+    dale_overrides = {"dale_agreement_weights": True}
