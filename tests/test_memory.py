@@ -366,3 +366,13 @@ def test_worker_reads_equal_the_memorys_own(tmp_path, num_classes):
     np.testing.assert_array_equal(q.astype(np.float32), want_q.numpy())
     np.testing.assert_array_equal(visits.astype(np.int64), want_visits.numpy())
     assert visits.max() > 0 and (visits == 0).any()  # some voxels visited, some not
+    # the worker keeps the files mapped: later in-place updates are seen, and a reset (new files
+    # swapped in) is not read through the old mapping
+    mem.update("case_a", torch.from_numpy(where[:5]), torch.full((5, num_classes), 1 / num_classes),
+               torch.zeros(5, dtype=torch.int64))
+    mem.flush()
+    np.testing.assert_array_equal(read_live_buffers(mem.live, "case_a", n, mem.channels, where)[1].astype(np.int64),
+                                  mem.read("case_a", torch.from_numpy(where))[1].numpy())
+    mem.reset()
+    q, visits = read_live_buffers(mem.live, "case_a", n, mem.channels, where)
+    assert (visits == 0).all()

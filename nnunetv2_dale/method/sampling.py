@@ -13,6 +13,7 @@ of every augmented patch's source voxels in the worker, so the training process 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 from pathlib import Path
 
@@ -25,15 +26,38 @@ from nnunetv2_dale.method.rsets import Mixture, loss_signal, omega_per_voxel
 SAMPLING_FILE = "sampling.json"
 
 
+_MAPS: OrderedDict[Path, tuple[tuple[int, int], np.ndarray]] = OrderedDict()
+_MAPS_KEPT = 64  # cases whose files stay mapped in this process (each mapping holds a file descriptor)
+
+
+def _mapped(path: Path, dtype: type, size: int) -> np.ndarray:
+    """``path`` memory-mapped read-only as a flat ``dtype`` array of ``size`` items, kept mapped
+    while the file is the same (inode and size; the trainer writes it in place through its own
+    shared mapping, which this one sees) so that repeated reads do not map and fault it again; a
+    file replaced by a restore or reset has a new inode and is mapped afresh."""
+    st = os.stat(path)
+    ident = (st.st_ino, st.st_size)
+    hit = _MAPS.get(path)
+    if hit is not None and hit[0] == ident:
+        _MAPS.move_to_end(path)
+        return hit[1]
+    array = np.memmap(path, dtype=dtype, mode="r", shape=(size,)).view(np.ndarray)
+    _MAPS[path] = (ident, array)
+    _MAPS.move_to_end(path)
+    while len(_MAPS) > _MAPS_KEPT:
+        _MAPS.popitem(last=False)
+    return array
+
+
 def read_live_buffers(live: Path, key: str, n: int, channels: int, where: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray] | None:
     """(q float16 (len, channels), visits uint8) of case ``key`` at flat indices ``where``, read
     from the live buffer files; None while they are missing or being replaced."""
     try:
-        q = np.memmap(live / f"{key}.q.f16", dtype=np.float16, mode="r", shape=(n * channels,))
+        q = _mapped(live / f"{key}.q.f16", np.float16, n * channels)
         # one channel: gathered from the flat file (2-3x faster than rows of an (n, 1) array)
-        q = q[where].reshape(-1, 1) if channels == 1 else q.reshape(n, channels)[where]
-        visits = np.memmap(live / f"{key}.n.u8", dtype=np.uint8, mode="r", shape=(n,))[where]
+        q = np.take(q, where).reshape(-1, 1) if channels == 1 else q.reshape(n, channels)[where]
+        visits = np.take(_mapped(live / f"{key}.n.u8", np.uint8, n), where)
     except (FileNotFoundError, ValueError):
         return None
     return q, visits
