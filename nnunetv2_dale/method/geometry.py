@@ -104,30 +104,30 @@ def described_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thres
                              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``coords.source_indices`` of ``coordinate_map(spec)``, without building the map: the
     flat source index (int64) and validity (interpolated validity > ``threshold``) per voxel.
-    The index arithmetic runs in int32 where the case allows it, in place where the shapes do."""
+    Axes the matrix does not mix stay one-axis vectors until the last broadcast (one pass over the
+    patch for the index, one for the validity); mixed axes are combined in place."""
     weight = idx = None
     stride = 1
     offset = len(case_shape) - len(spec.patch_size)  # a 2d patch of a 3D case: z is the slice
-    dtype = torch.int32 if math.prod(case_shape) < 2 ** 31 else torch.int64
     for axis, p in reversed(list(enumerate(_positions(spec, device)))):
         w, inside = _along_axis(p, spec.crop, axis)
-        source = inside.round_().to(dtype).add_(spec.crop.bbox[axis][0])
+        source = inside.round_().to(torch.int64).add_(spec.crop.bbox[axis][0])
         if stride != 1:
             source.mul_(stride)
-        weight = w if weight is None else _accumulate(weight, w, torch.Tensor.mul_)
-        idx = source if idx is None else _accumulate(idx, source, torch.Tensor.add_)
+        weight = w if weight is None else _combine(weight, w, torch.Tensor.mul_, torch.mul)
+        idx = source if idx is None else _combine(idx, source, torch.Tensor.add_, torch.add)
         stride *= case_shape[axis + offset]
     if spec.slice_index is not None:
-        idx = idx + int(spec.slice_index) * stride
-    return (idx.expand(spec.patch_size).reshape(-1).to(torch.int64),
-            (weight > threshold).expand(spec.patch_size).reshape(-1))
+        idx = idx.add_(int(spec.slice_index) * stride)  # idx is this function's own tensor
+    return idx.expand(spec.patch_size).reshape(-1), (weight > threshold).expand(spec.patch_size).reshape(-1)
 
 
-def _accumulate(total: torch.Tensor, term: torch.Tensor, inplace) -> torch.Tensor:
-    """``inplace(total, term)`` where ``total`` already has the broadcast shape, else out of place."""
+def _combine(total: torch.Tensor, term: torch.Tensor, inplace, outplace) -> torch.Tensor:
+    """``inplace(total, term)`` where ``total`` already has the broadcast shape (no new array),
+    else ``outplace`` (one broadcast pass)."""
     if total.shape == torch.broadcast_shapes(total.shape, term.shape):
         return inplace(total, term)
-    return inplace(total.expand(torch.broadcast_shapes(total.shape, term.shape)).clone(), term)
+    return outplace(total, term)
 
 
 def resampled_coordinates(crop: CropSpec, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:
