@@ -15,7 +15,16 @@ real batch shapes, and times batches from each trainer's own ``get_dataloaders``
 Loaders run one at a time (each started, warmed up, timed, stopped), in rounds that alternate the
 order; ``loader_ratio`` = DALE's batches per second / nnU-Net's, the median over rounds.
 
+``--same-draws`` measures the work per batch instead of the throughput of the workers: every loader
+runs in this process (``nnUNet_n_proc_DA=0``) and each timed batch starts from the same random
+seeds, so all loaders crop the same cases with the same augmentations (checked: identical images)
+and only DALE's own work differs. nnU-Net's augmentations are random and some are expensive
+(blur, rotation), so with workers a 10-batch rate swings by tens of percent between rounds; here
+the ratio is of the summed times. (DALE's fuzzy sampler is left out in this mode: with the share 0
+written here it never proposes a centre, but its random draw would shift the augmentations.)
+
     nnUNet_n_proc_DA=2 python benchmarks/loader_cost.py [--batches 10] [--rounds 2] [--json benchmarks/loader_cost.json]
+    python benchmarks/loader_cost.py --same-draws [--batches 20] [--json ...]
 """
 from __future__ import annotations
 
@@ -49,8 +58,16 @@ def prepare(root: Path, name: str, dataset_id: int) -> None:
                     "-c", configuration, "-np", "2"], env=env, check=True, capture_output=True)
 
 
-def loader_rate(trainer_name: str, stage: str, dataset_id: int, name: str, batches: int, warmup: int) -> float:
-    """Batches per second of one trainer's training loader (started, warmed up, timed, stopped)."""
+DRAWN: list[list[float]] = []  # --same-draws: per timed loader, the sum of each batch's images
+
+
+def loader_rate(trainer_name: str, stage: str, dataset_id: int, name: str, batches: int, warmup: int,
+                same_draws: bool = False) -> float:
+    """Batches per second of one trainer's training loader (started, warmed up, timed, stopped);
+    with ``same_draws`` every timed batch starts from seeds 0, 1, ... (see the module docstring)."""
+    import random
+
+    import numpy as np
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
 
@@ -69,15 +86,27 @@ def loader_rate(trainer_name: str, stage: str, dataset_id: int, name: str, batch
             "phase": "warmup" if stage == "warm-up" else "stable", "share": 0.0, "min_visits": 3,
             "channels": trainer.memory.channels, "mixtures": []})
     train, val = trainer.get_dataloaders()
+    if same_draws and hasattr(getattr(train, "data_loader", None), "sampler"):
+        train.data_loader.sampler = None
     try:
         for _ in range(warmup):
             first = next(train)
         assert tuple(first["data"].shape[2:]) == tuple(patch) and first["data"].shape[0] == batch, first["data"].shape
         assert (stage == "stable") == ("dale_q" in first), f"{trainer_name} {stage}: worker reads {'dale_q' in first}"
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(train)
-        return batches / (time.perf_counter() - t0)
+        if not same_draws:
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(train)
+            return batches / (time.perf_counter() - t0)
+        spent, sums = 0.0, []
+        for i in range(batches):
+            np.random.seed(i), torch.manual_seed(i), random.seed(i)
+            t0 = time.perf_counter()
+            got = next(train)
+            spent += time.perf_counter() - t0
+            sums.append(float(got["data"].double().sum()))
+        DRAWN.append(sums)
+        return batches / spent
     finally:
         for loader in (train, val):
             if hasattr(loader, "_finish"):
@@ -95,7 +124,11 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--json", help="write the results here")
     p.add_argument("--workdir", help="keep the phantom datasets here (default: a temporary folder)")
+    p.add_argument("--same-draws", action="store_true",
+                   help="work per batch in this process, every loader on the same random draws")
     args = p.parse_args()
+    if args.same_draws:
+        os.environ["nnUNet_n_proc_DA"] = "0"  # before nnunetv2 is imported
     workers = os.environ.get("nnUNet_n_proc_DA", "default")
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +144,11 @@ def main() -> None:
             for r in range(args.rounds):
                 for loader in (list(LOADERS) if r % 2 == 0 else list(LOADERS)[::-1]):
                     trainer_name, stage = LOADERS[loader]
-                    rates[loader].append(loader_rate(trainer_name, stage, dataset_id, name, args.batches, args.warmup))
+                    rates[loader].append(loader_rate(trainer_name, stage, dataset_id, name, args.batches, args.warmup,
+                                                     args.same_draws))
+            if args.same_draws and any(d != DRAWN[0] for d in DRAWN):
+                raise RuntimeError("--same-draws: the loaders drew different images; the comparison is void")
+            DRAWN.clear()
             base = statistics.median(rates["nnUNetTrainer"])
             results[name] = {
                 "batches_per_s": {k: statistics.median(v) for k, v in rates.items()},
@@ -122,7 +159,8 @@ def main() -> None:
             print(f"{name:20s} batches/s: " + ", ".join(f"{k} {v:.3f}" for k, v in row["batches_per_s"].items())
                   + " | loader_ratio: " + ", ".join(f"{k} {v:.2f}" for k, v in row["loader_ratio"].items()))
     if args.json:
-        Path(args.json).write_text(json.dumps({"nnUNet_n_proc_DA": workers, "batches": args.batches,
+        Path(args.json).write_text(json.dumps({"nnUNet_n_proc_DA": workers, "same_draws": args.same_draws,
+                                               "batches": args.batches,
                                                "rounds": args.rounds, "results": results}, indent=1))
 
 
