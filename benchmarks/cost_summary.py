@@ -56,13 +56,21 @@ def main() -> None:
     p.add_argument("--freeze-epochs", type=int, nargs="+", default=[10, 50, 300],
                    help="memory freeze epochs to report: the first is the summary's (the curve horizon "
                         "fired at epochs 4-8 on ddti-fast), 300 is the fixed 30 %% bound")
+    p.add_argument("--extras-from", help="take the picture and snapshot timings from this earlier summary "
+                                          "instead of measuring them (re-tabulates new memory/loader figures)")
     args = p.parse_args()
 
     memory = json.loads((HERE / "memory_cost.json").read_text())
     loader = json.loads((HERE / "loader_cost.json").read_text())["results"]
-    nnunet_png, dale_png = (statistics.median(t) for t in time_plots(min(args.epochs, 1000), repeats=3).values())
-    copy, link, _, _ = measure(args.measure_gib, 100, Path(tempfile.mkdtemp(prefix="dale_cost_summary_")))
-    copy_per_gib = copy / args.measure_gib
+    if args.extras_from:
+        earlier = json.loads(Path(args.extras_from).read_text())
+        nnunet_png, dale_png = earlier["progress_png_s"]["nnU-Net"], earlier["progress_png_s"]["DALE"]
+        copy_per_gib, link = earlier["snapshot_s"]["copy_per_gib"], earlier["snapshot_s"]["linked"]
+        args.measure_gib = earlier["settings"]["measure_gib"]
+    else:
+        nnunet_png, dale_png = (statistics.median(t) for t in time_plots(min(args.epochs, 1000), repeats=3).values())
+        copy, link, _, _ = measure(args.measure_gib, 100, Path(tempfile.mkdtemp(prefix="dale_cost_summary_")))
+        copy_per_gib = copy / args.measure_gib
     extras = {}
     for h in args.freeze_epochs:
         n_copy = copies_before_freeze(h, args.epochs)

@@ -146,9 +146,10 @@ def main() -> None:
                     trainer_name, stage = LOADERS[loader]
                     rates[loader].append(loader_rate(trainer_name, stage, dataset_id, name, args.batches, args.warmup,
                                                      args.same_draws))
-            if args.same_draws and any(d != DRAWN[0] for d in DRAWN):
-                raise RuntimeError("--same-draws: the loaders drew different images; the comparison is void")
-            DRAWN.clear()
+                if args.same_draws and any(d != DRAWN[0] for d in DRAWN):  # within a round
+                    raise RuntimeError("--same-draws: the loaders of one round drew different images "
+                                       f"(first batch sums {[d[0] for d in DRAWN]}); the comparison is void")
+                DRAWN.clear()
             base = statistics.median(rates["nnUNetTrainer"])
             results[name] = {
                 "batches_per_s": {k: statistics.median(v) for k, v in rates.items()},
