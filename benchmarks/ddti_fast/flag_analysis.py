@@ -22,15 +22,21 @@ import torch
 from scipy import ndimage
 
 
-def gather(bench: Path, dataset: str, trainer: str) -> dict[str, np.ndarray]:
+def use_bench(bench: Path) -> None:
+    """Point nnU-Net's path variables at the benchmark folder ``bench``."""
+    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        os.environ[name] = str(bench / name)
+
+
+def fold_cases(bench: Path, dataset: str, trainer: str):
+    """Per training case of the fold: (fold's ``FoldConfidence``, key, omega, preprocessed label,
+    annotated label, clean label, q, visits); the 2D arrays in the case's (y, x) shape."""
     from nnunetv2_dale.audit.export import FoldConfidence
-    from nnunetv2_dale.method.rsets import agreement_with_label, loss_signal
 
     fc = FoldConfidence(bench / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans_cpu__2d" / "fold_0",
                         bench / "nnUNet_preprocessed")
     raw = bench / "nnUNet_raw" / dataset
     ending = fc.dataset_json["file_ending"]
-    out: dict[str, list[np.ndarray]] = {"l": [], "noise": [], "omega": [], "dist": []}
     for key in fc.keys:
         omega, seg, _ = fc.preprocessed(key)
         seg2 = seg.reshape(-1, *seg.shape[-2:])[0]
@@ -41,6 +47,14 @@ def gather(bench: Path, dataset: str, trainer: str) -> dict[str, np.ndarray]:
         clean = sitk.GetArrayFromImage(sitk.ReadImage(str(clean_file))).reshape(seg2.shape) if clean_file.exists() \
             else label
         q, n = fc.memory.case_arrays(key)
+        yield fc, key, omega.reshape(seg2.shape), seg2, label, clean, q, n.reshape(seg2.shape)
+
+
+def gather(bench: Path, dataset: str, trainer: str) -> dict[str, np.ndarray]:
+    from nnunetv2_dale.method.rsets import agreement_with_label, loss_signal
+
+    out: dict[str, list[np.ndarray]] = {"l": [], "noise": [], "omega": [], "dist": []}
+    for fc, _, omega, seg2, label, clean, q, n in fold_cases(bench, dataset, trainer):
         labels = np.where(seg2 < 0, 0, seg2).reshape(-1).astype(np.int64)
         known = n.reshape(-1) >= fc.min_visits
         qt = torch.from_numpy(q.reshape(-1, q.shape[-1]).astype(np.float32))
@@ -57,8 +71,7 @@ def main() -> None:
     from nnunetv2_dale.method.rsets import auroc
 
     bench = Path(sys.argv[1]).resolve()
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = str(bench / name)
+    use_bench(bench)
     for spec in sys.argv[2:]:
         dataset, trainer = spec.split(":")
         d = gather(bench, dataset, trainer)

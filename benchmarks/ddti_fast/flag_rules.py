@@ -13,32 +13,20 @@ spread over the cases that have no noise?).
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
+
+from flag_analysis import fold_cases, use_bench  # the sibling script (run from this folder's path)
 
 
 def cases(bench: Path, dataset: str, trainer: str):
     """Per training case: annotated foreground, clean foreground, q (foreground), omega, known."""
-    from nnunetv2_dale.audit.export import FoldConfidence
-
-    fc = FoldConfidence(bench / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans_cpu__2d" / "fold_0",
-                        bench / "nnUNet_preprocessed")
-    raw = bench / "nnUNet_raw" / dataset
-    ending = fc.dataset_json["file_ending"]
-    for key in fc.keys:
-        omega, seg, _ = fc.preprocessed(key)
-        shape = seg.shape[-2:]
-        label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{key}{ending}"))).reshape(shape)
-        clean_file = raw / "labelsTr_clean" / f"{key}{ending}"
-        clean = sitk.GetArrayFromImage(sitk.ReadImage(str(clean_file))).reshape(shape) if clean_file.exists() else label
-        q, n = fc.memory.case_arrays(key)
-        q = q.reshape(shape).astype(np.float32) if q.shape[-1] == 1 else q[..., 1].reshape(shape)
-        yield label > 0, clean > 0, q, np.nan_to_num(omega.reshape(shape), nan=1.0), n.reshape(shape) >= fc.min_visits
+    for fc, _, omega, _, label, clean, q, n in fold_cases(bench, dataset, trainer):
+        q = q.reshape(label.shape).astype(np.float32) if q.shape[-1] == 1 else q[..., 1].reshape(label.shape)
+        yield label > 0, clean > 0, q, np.nan_to_num(omega, nan=1.0), n >= fc.min_visits
 
 
 def rules(y: np.ndarray, q: np.ndarray, omega: np.ndarray, shift: float) -> dict[str, np.ndarray]:
@@ -84,7 +72,7 @@ def report(data: list) -> None:
         recall = f"{tp / n:.3f}" if n else "-"
         print(f"  | {name} | {recall} | {fp / m:.4f} | {tp / max(tp + fp, 1e-9):.2f} |")
     c = np.array(per_case, dtype=float)
-    noise_total = sum(s[1] for s in [sums["1 - omega (DALE)"]])
+    noise_total = sums["1 - omega (DALE)"][1]
     for flag in (0, 1):
         sel = c[:, 3] == flag
         if sel.any():
@@ -101,8 +89,7 @@ def report(data: list) -> None:
 
 def main() -> None:
     bench = Path(sys.argv[1]).resolve()
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = str(bench / name)
+    use_bench(bench)
     for spec in sys.argv[2:]:
         dataset, trainer = spec.split(":")
         print(f"\n{dataset} {trainer}")
