@@ -7,6 +7,6 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetT
                                            nnUNetTrainerDALE_margin,
                                            nnUNetTrainerDALE_noAlign, nnUNetTrainerDALE_noAlternation,
                                            nnUNetTrainerDALE_noConfidence, nnUNetTrainerDALE_noCorrection,
-                                           nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_noHorizon,
-                                           nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01,
+                                           nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_noHorizon, nnUNetTrainerDALE_plainSampling,
+                                           nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01, nnUNetTrainerDALE_wideLightAlign,
                                            nnUNetTrainerDALE_wideReference)

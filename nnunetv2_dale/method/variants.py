@@ -200,3 +200,18 @@ class nnUNetTrainerDALE_agreeWeights(nnUNetTrainerDALE):
     (``dale_agreement_weights``): voxels whose frozen ensemble prefers another class are discounted
     too (recall of the injected noise 0.39 -> 0.65 offline); the R-sets of the alignment keep omega."""
     dale_overrides = {"dale_agreement_weights": True}
+
+
+class nnUNetTrainerDALE_plainSampling(nnUNetTrainerDALE):
+    """Tuning variant: the current defaults with nnU-Net's own patch sampling in the fuzzy phases
+    too (``dale_fuzzy_sampling_share`` 0): on clean labels half of the fuzzy-phase patches were
+    centred on voxels the early ensemble gets wrong, i.e. on the alignment's false flags."""
+    dale_overrides = {"dale_fuzzy_sampling_share": 0.0}
+
+
+class nnUNetTrainerDALE_wideLightAlign(nnUNetTrainerDALE):
+    """Tuning variant: the current defaults (curve horizon, wide reference) with the alignment at
+    0.03 instead of 0.1. ``_lightAlign`` measured the weight on the fixed-horizon defaults (clean
+    -1.2 instead of -2.1 points, 0.7/0.5 unchanged, 0.7/0.7 -0.7); the wide reference won a point
+    on clean labels by itself: do the two add up?"""
+    dale_overrides = {"dale_align_weight": 0.03}
