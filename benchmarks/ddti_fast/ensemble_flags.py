@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flag_analysis import fold_cases, use_bench  # the sibling script (run from this folder's path)
+from flag_analysis import fold_cases, raw_labels, use_bench  # the sibling script (run from this folder's path)
 
 FOLDER = "nnUNetTrainerBudgetSnap__nnUNetPlans_cpu__2d"
 
@@ -81,14 +81,10 @@ def main() -> None:
     keys = sorted(splits[0]["train"])
     cases = infer_dataset_class(str(pre / "nnUNetPlans_2d"))(str(pre / "nnUNetPlans_2d"), keys)
     data = {k: torch.from_numpy(np.asarray(cases.load_case(k)[0])).float() for k in keys}
-    raw = bench / "nnUNet_raw" / dataset
-    import SimpleITK as sitk
-
-    def read(folder: str, key: str) -> np.ndarray:
-        return sitk.GetArrayFromImage(sitk.ReadImage(str(raw / folder / f"{key}.png"))).reshape(data[key].shape[-2:]) > 0
-
-    labels = {k: read("labelsTr", k) for k in keys}
-    cleans = {k: read("labelsTr_clean", k) for k in keys}
+    ending = json.loads((bench / "nnUNet_raw" / dataset / "dataset.json").read_text())["file_ending"]
+    both = {k: raw_labels(bench, dataset, k, ending, data[k].shape[-2:]) for k in keys}
+    labels = {k: label > 0 for k, (label, _) in both.items()}
+    cleans = {k: clean > 0 for k, (_, clean) in both.items()}
     model = bench / "nnUNet_results" / dataset / FOLDER
     print(f"{dataset}: {sum(v.size for v in labels.values())} voxels, injected noise "
           f"{np.mean(np.concatenate([(labels[k] != cleans[k]).ravel() for k in keys])):.3f}")
@@ -96,7 +92,7 @@ def main() -> None:
     for source, folds in (("in-sample", ((0, keys),)), ("cross-fitted", ((5, splits[5]["val"]), (6, splits[6]["val"])))):
         if not all((model / f"fold_{fold}").is_dir() for fold, _ in folds):
             continue
-        epochs = sorted(int(p.stem[13:]) for p in (model / f"fold_{folds[0][0]}").glob("checkpoint_ep*.pth"))
+        epochs = sorted(int(p.stem.removeprefix("checkpoint_ep")) for p in (model / f"fold_{folds[0][0]}").glob("checkpoint_ep*.pth"))
         fg = {e: {k: v for fold, part in folds for k, v in predict(model, fold, f"checkpoint_ep{e}.pth", data, part).items()}
               for e in epochs}
         for e in epochs:

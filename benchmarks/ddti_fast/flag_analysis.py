@@ -28,6 +28,17 @@ def use_bench(bench: Path) -> None:
         os.environ[name] = str(bench / name)
 
 
+def raw_labels(bench: Path, dataset: str, key: str, ending: str, shape: tuple[int, ...]
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The annotated (noisy) and clean training label of ``key`` from the benchmark's raw copy, in
+    ``shape``; the clean one is the annotated one where the copy keeps none (clean data)."""
+    raw = bench / "nnUNet_raw" / dataset
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{key}{ending}"))).reshape(shape)
+    clean_file = raw / "labelsTr_clean" / f"{key}{ending}"
+    clean = sitk.GetArrayFromImage(sitk.ReadImage(str(clean_file))).reshape(shape) if clean_file.exists() else label
+    return label, clean
+
+
 def fold_cases(bench: Path, dataset: str, trainer: str):
     """Per training case of the fold: (fold's ``FoldConfidence``, key, omega, preprocessed label,
     annotated label, clean label, q, visits); the 2D arrays in the case's (y, x) shape."""
@@ -35,17 +46,13 @@ def fold_cases(bench: Path, dataset: str, trainer: str):
 
     fc = FoldConfidence(bench / "nnUNet_results" / dataset / f"{trainer}__nnUNetPlans_cpu__2d" / "fold_0",
                         bench / "nnUNet_preprocessed")
-    raw = bench / "nnUNet_raw" / dataset
     ending = fc.dataset_json["file_ending"]
     for key in fc.keys:
         omega, seg, _ = fc.preprocessed(key)
         seg2 = seg.reshape(-1, *seg.shape[-2:])[0]
-        label = sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTr" / f"{key}{ending}"))).reshape(seg2.shape)
+        label, clean = raw_labels(bench, dataset, key, ending, seg2.shape)
         if not ((seg2 > 0) == (label > 0)).all():
             raise RuntimeError(f"{key}: preprocessed and raw labels differ; this script needs identity preprocessing")
-        clean_file = raw / "labelsTr_clean" / f"{key}{ending}"
-        clean = sitk.GetArrayFromImage(sitk.ReadImage(str(clean_file))).reshape(seg2.shape) if clean_file.exists() \
-            else label
         q, n = fc.memory.case_arrays(key)
         yield fc, key, omega.reshape(seg2.shape), seg2, label, clean, q, n.reshape(seg2.shape)
 
