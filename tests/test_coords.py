@@ -219,3 +219,68 @@ def test_described_source_indices_equal_those_of_the_built_map(dims, matrix):
     assert 0.3 < valid.float().mean() < 1  # partly outside the case, as asked
     assert torch.equal(valid, ref_valid)
     assert torch.equal(idx[valid], ref_idx[valid])
+
+
+def _random_spec(rng, case, patch, rotated: bool, trial: int) -> PatchSpec:
+    """A patch as nnU-Net's spatial transform and mirroring describe it: plain crops (positions on
+    integers or halves), scaled (offsets off the grid), rotated and scaled, flipped, partly outside
+    the case; a 2d patch lies in a slice of the 3D case."""
+    dims = len(patch)
+    if rotated:
+        a = rng.uniform(-np.pi, np.pi, 3)
+        rx = np.array([[1, 0, 0], [0, np.cos(a[0]), -np.sin(a[0])], [0, np.sin(a[0]), np.cos(a[0])]])
+        rz = np.array([[np.cos(a[1]), -np.sin(a[1]), 0], [np.sin(a[1]), np.cos(a[1]), 0], [0, 0, 1]])
+        matrix = (rx @ rz)[-dims:, -dims:] * rng.uniform(0.7, 1.4)
+    else:
+        matrix = np.diag([1.0] * dims if trial % 2 == 0 else rng.uniform(0.7, 1.4, dims))
+    start = [int(rng.integers(-6, s - p + 6)) for s, p in zip(case[-dims:], patch)]
+    bbox = tuple((b, b + p + 2 * int(rng.integers(0, 3))) for b, p in zip(start, patch))
+    off_grid = rotated or trial % 4 == 1
+    return PatchSpec(CropSpec(bbox, case[-dims:]), patch, tuple(map(tuple, matrix.tolist())),
+                     tuple((e - b - 1) / 2 + (rng.uniform(-0.5, 0.5) if off_grid else 0) for b, e in bbox),
+                     flips=tuple(a for a in range(dims) if rng.random() < 0.5),
+                     slice_index=float(rng.integers(0, case[0])) if dims == 2 else None)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_worker_reads_equal_the_flat_gather(dims, tmp_path):
+    """What the workers read per patch (``PatchReader.read``: slices for unrotated patches,
+    ``read_box``; numpy scratch-array indices for rotated ones, ``rotated_source_indices``) equals
+    the flat gather at ``described_source_indices`` (the trainer's own path): q at every valid
+    voxel, visits everywhere (0 where invalid), for 1 and 3 channels; a built map (elastic
+    deformation) takes the flat path. The output arrays start as garbage: nothing is left
+    unwritten."""
+    from nnunetv2_dale.method.geometry import axis_sources
+    from nnunetv2_dale.method.memory import write_json_atomic
+    from nnunetv2_dale.method.sampling import SAMPLING_FILE, PatchReader
+
+    rng = np.random.default_rng(dims)
+    case = (7, 40, 36) if dims == 2 else (30, 40, 36)
+    patch = (24, 20) if dims == 2 else (16, 24, 20)
+    n = int(np.prod(case))
+    (tmp_path / "live").mkdir()
+    kinds = {"crop": 0, "scaled": 0, "rotated": 0, "outside": 0}
+    for trial in range(90):
+        channels = 1 if trial % 3 else 3
+        q = rng.random(n * channels).astype(np.float16)
+        visits = rng.integers(0, 255, n).astype(np.uint8)
+        key = f"case{trial}"
+        q.tofile(tmp_path / "live" / f"{key}.q.f16")
+        visits.tofile(tmp_path / "live" / f"{key}.n.u8")
+        write_json_atomic(tmp_path / SAMPLING_FILE, {"phase": "stable", "channels": channels})
+        reader = PatchReader(tmp_path)
+        kind = "rotated" if trial % 3 == 2 else ("scaled" if trial % 2 else "crop")
+        spec = _random_spec(rng, case, patch, kind == "rotated", trial)
+        assert (axis_sources(spec) is None) == (kind == "rotated")
+        coords = coordinate_map(spec) if trial % 10 == 9 else spec
+        index, valid = source_indices(coords, case)
+        if not valid.any():
+            continue
+        out_q, out_v = np.full((valid.numel(), channels), 7, np.float16), np.full(valid.numel(), 7, np.uint8)
+        assert reader.read(key, coords, case, out_q, out_v)
+        v = valid.numpy()
+        np.testing.assert_array_equal(out_v, visits[index.numpy()] * v, err_msg=f"trial {trial}: {spec}")
+        np.testing.assert_array_equal(out_q[v], q.reshape(n, channels)[index.numpy()][v], err_msg=f"trial {trial}: {spec}")
+        kinds[kind] += 1
+        kinds["outside"] += int(not v.all())
+    assert min(kinds.values()) >= 5, kinds  # every kind of patch was exercised

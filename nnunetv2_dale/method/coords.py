@@ -89,7 +89,7 @@ class CoordinateDataLoader(nnUNetDataLoader):
         selected_keys = self.get_indices()
         data_all = seg_all = None
         coords_all: list = []
-        shapes, reads = [], []
+        shapes, reads, reads_ok = [], None, self.reader is not None
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
             for j, key in enumerate(selected_keys):
                 force_fg = self.get_do_oversample(j)
@@ -134,8 +134,11 @@ class CoordinateDataLoader(nnUNetDataLoader):
                     seg_all = ([torch.empty((self.batch_size, *s.shape), dtype=s.dtype) for s in seg]
                                if isinstance(seg, list) else torch.empty((self.batch_size, *seg.shape), dtype=seg.dtype))
                 data_all[j] = sample["image"]
-                if self.reader is not None:
-                    reads.append(self.reader.read(key, moved, shapes[-1]))
+                if reads_ok:
+                    if reads is None:
+                        reads = self.reader.batch_arrays(self.batch_size, sample["image"][0].numel())
+                    reads_ok = reads is not None and self.reader.read(key, moved, shapes[-1], reads[0][j].numpy(),
+                                                                       reads[1][j].numpy())
                 if isinstance(seg_all, list):
                     for s_idx, s in enumerate(sample["segmentation"]):
                         seg_all[s_idx][j] = s
@@ -145,9 +148,8 @@ class CoordinateDataLoader(nnUNetDataLoader):
             coords_all = torch.stack([coordinate_map(c) if isinstance(c, PatchSpec) else c for c in coords_all])
         batch = {"data": data_all, "target": seg_all, "keys": selected_keys, "regression_target": coords_all,
                  "case_shapes": shapes}
-        if reads and all(r is not None for r in reads):
-            batch["dale_q"] = torch.stack([r[0] for r in reads])
-            batch["dale_visits"] = torch.stack([r[1] for r in reads])
+        if reads_ok:
+            batch["dale_q"], batch["dale_visits"] = reads
         return batch
 
 

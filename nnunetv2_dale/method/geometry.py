@@ -22,6 +22,7 @@ import math
 import types
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
 from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
@@ -120,6 +121,88 @@ def described_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thres
     if spec.slice_index is not None:
         idx = idx.add_(int(spec.slice_index) * stride)  # idx is this function's own tensor
     return idx.expand(spec.patch_size).reshape(-1), (weight > threshold).expand(spec.patch_size).reshape(-1)
+
+
+def axis_sources(spec: PatchSpec) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Where the matrix mixes no axes (nnU-Net's samples without rotation): per patch axis, the
+    source coordinate along that axis (int64, the case's voxels, clamped into it) and the
+    interpolated inside-the-case weight w (float32): the one-axis terms that
+    :func:`described_source_indices` combines, computed with numpy's float32 operations in the
+    same order (the same values, tested; torch's per-call overhead on a few hundred values cost
+    more than the arithmetic); None where an axis's position depends on another axis."""
+    dims = len(spec.patch_size)
+    if any(spec.matrix[a][b] != 0 for a in range(dims) for b in range(dims) if a != b):
+        return None
+    out = []
+    for axis, size in enumerate(spec.patch_size):
+        x = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2)
+        if axis in spec.flips:
+            x = x[::-1]
+        p = np.float32(spec.offset[axis]) + x * np.float32(spec.matrix[axis][axis])
+        (c0, end), n = spec.crop.bbox[axis], spec.crop.case_shape[axis]
+        lo, hi = float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
+        w = np.minimum(p - np.float32(lo - 1), np.float32(hi + 1) - p).clip(0, 1)
+        out.append((np.rint(p.clip(lo, hi)).astype(np.int64) + int(c0), w))
+    return out
+
+
+_WORKSPACE: dict[tuple[int, ...], dict[str, np.ndarray]] = {}
+
+
+def _scratch(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Patch-sized scratch arrays kept per process and patch shape: the workers call
+    :func:`rotated_source_indices` for every rotated sample, and fresh patch-sized allocations
+    are page-faulted anew each time (as costly as the arithmetic here)."""
+    if shape not in _WORKSPACE:
+        _WORKSPACE.clear()  # one patch shape per loader
+        _WORKSPACE[shape] = {name: np.empty(shape, dtype) for name, dtype in
+                             (("p", np.float32), ("t1", np.float32), ("t2", np.float32), ("w", np.float32),
+                              ("s", np.int64), ("idx", np.int64))}
+    return _WORKSPACE[shape]
+
+
+def rotated_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], threshold: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`described_source_indices` on the host in numpy, for the workers' reads of patches
+    whose axes are mixed (rotated): the same float32 operations in the same order (the same
+    values, tested), in place in per-process scratch arrays. Returns the flat source index
+    (int64, a view of the scratch memory: valid until the next call) and the validity."""
+    shape = tuple(spec.patch_size)
+    dims = len(shape)
+    ws = _scratch(shape)
+    p, t1, t2, weight, source, idx = (ws[k] for k in ("p", "t1", "t2", "w", "s", "idx"))
+    centred = []
+    for b, size in enumerate(shape):
+        x = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2)
+        centred.append((x[::-1] if b in spec.flips else x).reshape([-1 if d == b else 1 for d in range(dims)]))
+    stride, lead = 1, len(case_shape) - dims  # a 2d patch of a 3D case: z is the slice
+    for axis in reversed(range(dims)):
+        first = axis == dims - 1
+        partial = np.full([1] * dims, spec.offset[axis], dtype=np.float32)
+        for b in range(dims):
+            if spec.matrix[axis][b] != 0:
+                partial = partial + centred[b] * np.float32(spec.matrix[axis][b])
+        np.copyto(p, partial)  # the crop positions along this axis, broadcast to the patch
+        (c0, end), n = spec.crop.bbox[axis], spec.crop.case_shape[axis]
+        lo, hi = float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
+        np.subtract(p, np.float32(lo - 1), out=t1)
+        np.subtract(np.float32(hi + 1), p, out=t2)
+        np.minimum(t1, t2, out=t1)
+        np.clip(t1, 0, 1, out=weight if first else t1)
+        if not first:
+            np.multiply(weight, t1, out=weight)
+        np.clip(p, lo, hi, out=p)
+        np.rint(p, out=p)
+        target = idx if first else source
+        np.copyto(target, p, casting="unsafe")  # whole numbers: exact
+        target += int(c0)
+        if not first:
+            target *= stride
+            idx += target
+        stride *= case_shape[axis + lead]
+    if spec.slice_index is not None:
+        idx += int(spec.slice_index) * stride
+    return idx.reshape(-1), (weight > threshold).reshape(-1)
 
 
 def _combine(total: torch.Tensor, term: torch.Tensor, inplace, outplace) -> torch.Tensor:
