@@ -81,12 +81,17 @@ def _positions(spec: PatchSpec, device: torch.device | str | None) -> list[torch
     return positions
 
 
+def _crop_limits(crop: CropSpec, axis: int) -> tuple[float, float]:
+    """The crop indices [lo, hi] along ``axis`` that lie inside the case."""
+    (c0, end), n = crop.bbox[axis], crop.case_shape[axis]
+    return float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
+
+
 def _along_axis(p: torch.Tensor, crop: CropSpec, axis: int) -> tuple[torch.Tensor, torch.Tensor]:
     """At crop positions ``p`` along ``axis``: the interpolated inside-the-case indicator w, and
     the position clamped to the crop indices [lo, hi] that lie inside the case (the module
     docstring's closed form)."""
-    (c0, end), n = crop.bbox[axis], crop.case_shape[axis]
-    lo, hi = float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
+    lo, hi = _crop_limits(crop, axis)
     return torch.minimum(p - (lo - 1), (hi + 1) - p).clamp_(0, 1), p.clamp(lo, hi)
 
 
@@ -123,6 +128,21 @@ def described_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thres
     return idx.expand(spec.patch_size).reshape(-1), (weight > threshold).expand(spec.patch_size).reshape(-1)
 
 
+def _centred_host(size: int, flipped: bool) -> np.ndarray:
+    """``_positions``' centred patch coordinates of one axis, in numpy (float32)."""
+    x = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2)
+    return x[::-1] if flipped else x
+
+
+def _host_weight(p: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None,
+                 scratch: np.ndarray | None = None) -> np.ndarray:
+    """``_along_axis``' weight w in numpy float32, the same operations in the same order; into
+    ``out`` (``scratch`` for the second term) where given."""
+    w = np.subtract(p, np.float32(lo - 1), out=out)
+    np.minimum(w, np.subtract(np.float32(hi + 1), p, out=scratch), out=w)
+    return np.clip(w, 0, 1, out=w)
+
+
 def axis_sources(spec: PatchSpec) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Where the matrix mixes no axes (nnU-Net's samples without rotation): per patch axis, the
     source coordinate along that axis (int64, the case's voxels, clamped into it) and the
@@ -135,14 +155,9 @@ def axis_sources(spec: PatchSpec) -> list[tuple[np.ndarray, np.ndarray]] | None:
         return None
     out = []
     for axis, size in enumerate(spec.patch_size):
-        x = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2)
-        if axis in spec.flips:
-            x = x[::-1]
-        p = np.float32(spec.offset[axis]) + x * np.float32(spec.matrix[axis][axis])
-        (c0, end), n = spec.crop.bbox[axis], spec.crop.case_shape[axis]
-        lo, hi = float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
-        w = np.minimum(p - np.float32(lo - 1), np.float32(hi + 1) - p).clip(0, 1)
-        out.append((np.rint(p.clip(lo, hi)).astype(np.int64) + int(c0), w))
+        p = np.float32(spec.offset[axis]) + _centred_host(size, axis in spec.flips) * np.float32(spec.matrix[axis][axis])
+        lo, hi = _crop_limits(spec.crop, axis)
+        out.append((np.rint(p.clip(lo, hi)).astype(np.int64) + int(spec.crop.bbox[axis][0]), _host_weight(p, lo, hi)))
     return out
 
 
@@ -171,10 +186,8 @@ def rotated_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thresho
     dims = len(shape)
     ws = _scratch(shape)
     p, t1, t2, weight, source, idx = (ws[k] for k in ("p", "t1", "t2", "w", "s", "idx"))
-    centred = []
-    for b, size in enumerate(shape):
-        x = np.arange(size, dtype=np.float32) - np.float32((size - 1) / 2)
-        centred.append((x[::-1] if b in spec.flips else x).reshape([-1 if d == b else 1 for d in range(dims)]))
+    centred = [_centred_host(size, b in spec.flips).reshape([-1 if d == b else 1 for d in range(dims)])
+               for b, size in enumerate(shape)]
     stride, lead = 1, len(case_shape) - dims  # a 2d patch of a 3D case: z is the slice
     for axis in reversed(range(dims)):
         first = axis == dims - 1
@@ -183,19 +196,15 @@ def rotated_source_indices(spec: PatchSpec, case_shape: tuple[int, ...], thresho
             if spec.matrix[axis][b] != 0:
                 partial = partial + centred[b] * np.float32(spec.matrix[axis][b])
         np.copyto(p, partial)  # the crop positions along this axis, broadcast to the patch
-        (c0, end), n = spec.crop.bbox[axis], spec.crop.case_shape[axis]
-        lo, hi = float(max(0, -c0)), float(min(end - c0, n - c0) - 1)
-        np.subtract(p, np.float32(lo - 1), out=t1)
-        np.subtract(np.float32(hi + 1), p, out=t2)
-        np.minimum(t1, t2, out=t1)
-        np.clip(t1, 0, 1, out=weight if first else t1)
+        lo, hi = _crop_limits(spec.crop, axis)
+        w = _host_weight(p, lo, hi, out=weight if first else t1, scratch=t2)
         if not first:
-            np.multiply(weight, t1, out=weight)
+            np.multiply(weight, w, out=weight)
         np.clip(p, lo, hi, out=p)
         np.rint(p, out=p)
         target = idx if first else source
         np.copyto(target, p, casting="unsafe")  # whole numbers: exact
-        target += int(c0)
+        target += int(spec.crop.bbox[axis][0])
         if not first:
             target *= stride
             idx += target
