@@ -15,7 +15,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from PIL import Image
 
 from conftest import run, tool
-from nnunetv2_dale.method.alignment import FeatureAlignment, w2_diagonal
+from nnunetv2_dale.method.alignment import FeatureAlignment, mass_share, w2_diagonal
 from nnunetv2_dale.method.loss import DALELoss, collaborative_target, sharpen
 from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, entropy_signal, fit_mixture, histogram, loss_signal
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
@@ -74,6 +74,32 @@ def test_alignment_zero_for_identical_moments_positive_otherwise_gradient_to_fea
     assert float(value) == pytest.approx(2 * 0.25, rel=1e-3)
     m = torch.zeros((1, 3))
     assert float(w2_diagonal(m, torch.ones((1, 3)), m, 4 * torch.ones((1, 3)), torch.ones(1))) == pytest.approx(1.0)
+
+
+def test_mass_weighted_alignment_pulls_a_flagged_voxel_no_harder_when_fewer_are_flagged():
+    """Plain: the fuzzy mean of n flagged voxels is pulled, so each voxel's gradient grows as 1/n.
+    Mass-weighted: each class's distance counts fuzzy / (fuzzy + reliable) of its batch mass, so a
+    flagged voxel's gradient is the same for 1 or 16 flagged voxels, and the term is share x plain."""
+    g = torch.Generator().manual_seed(1)
+    feats = torch.randn((1, 16, 8, 8), generator=g)
+    align = FeatureAlignment(num_classes=1, momentum=1.0)
+    align.update_reliable(feats, torch.ones((1, 1, 8, 8)))
+    grads = {}
+    for n in (2, 16):
+        fuzzy = torch.zeros((1, 1, 8, 8))
+        fuzzy.view(-1)[:n] = 1.0
+        reliable_mass = torch.tensor([64.0 - n])
+        for weighted in (False, True):
+            x = (feats + 1.0).requires_grad_(True)
+            value = align.loss(x, fuzzy, reliable_mass if weighted else None)
+            value.backward()
+            grads[n, weighted] = float(x.grad.flatten(2)[0, :, :n].norm(dim=0).mean())  # per flagged voxel
+            if weighted:
+                plain = align.loss(feats + 1.0, fuzzy)
+                assert float(value) == pytest.approx(float(plain) * n / 64, rel=1e-5)
+    assert grads[2, False] > 4 * grads[16, False]
+    assert grads[2, True] == pytest.approx(grads[16, True], rel=0.5)
+    assert float(mass_share(torch.tensor([0.0]), torch.tensor([0.0]))) == 0.0
 
 
 def test_alignment_gradient_reaches_the_decoder(tiny2d, monkeypatch):

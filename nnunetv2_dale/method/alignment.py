@@ -42,12 +42,20 @@ def weighted_moments(features: torch.Tensor, weights: torch.Tensor) -> tuple[tor
 
 def w2_diagonal(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor,
                 valid: torch.Tensor, standardise: bool = False) -> torch.Tensor:
-    """Sum over classes (rows where ``valid``) of the squared 2-Wasserstein distance between
-    diagonal Gaussians, divided by the channel count; ``standardise`` measures every channel in
-    units of the standard deviation of ``b`` (the reference)."""
+    """Sum over classes (rows where ``valid``, a 0/1 or per-class weight) of the squared
+    2-Wasserstein distance between diagonal Gaussians, divided by the channel count;
+    ``standardise`` measures every channel in units of the standard deviation of ``b`` (the
+    reference)."""
     scale = var_b.clamp_min(1e-4) if standardise else torch.ones_like(var_b)
     d = (((mean_a - mean_b) ** 2 + (var_a.clamp_min(1e-8).sqrt() - var_b.clamp_min(1e-8).sqrt()) ** 2) / scale).sum(1)
     return (d * valid).sum() / mean_a.shape[1]
+
+
+def mass_share(fuzzy_mass: torch.Tensor, reliable_mass: torch.Tensor) -> torch.Tensor:
+    """Per class, the share of the batch's mass that is fuzzy: fuzzy / (fuzzy + reliable), 0 where
+    a class has no mass. A constant (no gradient): it sets how much the class's distance counts."""
+    fuzzy_mass, reliable_mass = fuzzy_mass.detach().float(), reliable_mass.detach().float()
+    return fuzzy_mass / (fuzzy_mass + reliable_mass).clamp_min(1e-6)
 
 
 class FeatureAlignment:
@@ -98,13 +106,19 @@ class FeatureAlignment:
             self.var[k] = (1 - m) * self.var[k] + m * var[k]
             self.seen[k] = True
 
-    def loss(self, features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def loss(self, features: torch.Tensor, weights: torch.Tensor,
+             reliable_mass: torch.Tensor | None = None) -> torch.Tensor:
         """W2 between the batch's fuzzy moments (weights: (B, K, *S) fuzzy membership per class) and
-        the stored reliable moments (constants: no gradient reaches them)."""
+        the stored reliable moments (constants: no gradient reaches them). With ``reliable_mass``
+        (K,), the batch's reliable weight per class, each class's distance is weighted by the share
+        of that class's mass that is fuzzy, fuzzy / (fuzzy + reliable): the cost of moving that mass
+        (``mass_share``)."""
         if self.mean is None or not self.seen.any():
             return features.sum() * 0
         mean_f, var_f, total = weighted_moments(features.float(), weights.to(features.device))
         valid = (self.seen.to(features.device) & (total > 1)).float()
+        if reliable_mass is not None:
+            valid = valid * mass_share(total, reliable_mass.to(total.device))
         return w2_diagonal(mean_f, var_f, self.mean.detach(), self.var.detach(), valid, self.standardise)
 
     def state(self) -> dict:

@@ -27,7 +27,7 @@ from torch import distributed as dist
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_dale import __version__
-from nnunetv2_dale.method.alignment import FeatureAlignment
+from nnunetv2_dale.method.alignment import FeatureAlignment, mass_share
 from nnunetv2_dale.method.coords import source_indices, training_loader_with_coordinates
 from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_target, ensemble_consistency
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
@@ -125,6 +125,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       agreement between the network and the early ensemble against the label): the alignment then
       consolidates what the network does, instead of pulling voxels it has learnt toward the early
       ensemble's errors.
+    - ``dale_align_mass`` (False): weight each class's alignment distance by the share of the
+      batch's mass of that class that is fuzzy (``alignment.mass_share``), so a fuzzy voxel's pull
+      does not grow as fewer voxels are flagged (the plain distance between the fuzzy and reliable
+      means pulls a batch's few flagged voxels as hard as many); the alignment's total weight then
+      follows how much of the data is flagged. docs/method.md 7.12.
     - ``dale_reliable_certain`` (False): the reliable membership is omega alone, so the alignment's
       reference keeps the trusted voxels the ensemble is unsure of (boundaries); True: omega (1 - ER),
       the default before (``nnUNetTrainerDALE_curveHorizon``). docs/method.md 7.5-7.6.
@@ -199,6 +204,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_align_agreement = False
         self.dale_reliable_certain = False
         self.dale_align_cooldown_fraction = 0.0
+        self.dale_align_mass = False
         self.dale_agreement_weights = False
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
@@ -392,7 +398,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                     agree = logits.detach().argmax(1, keepdim=True) == members.argmax(1, keepdim=True)
                     terms["align_agreed"] = float((members * agree).sum() / members.sum().clamp_min(1e-6))
                     members = members * agree
-                align = self.alignment.loss(self.alignment.features, members)
+                mass = None
+                if self.dale_align_mass:
+                    reference = (reliable * onehot).to(self.device)
+                    mass = reference.transpose(0, 1).flatten(1).sum(1)
+                    shares = mass_share(members.transpose(0, 1).flatten(1).sum(1), mass)
+                    terms.update({f"align_share_{k}": float(v) for k, v in enumerate(shares)})
+                align = self.alignment.loss(self.alignment.features, members, mass)
                 loss = loss + lam * align
                 terms["align_loss"] = float(align.detach())
         if self.dale_consistency_weight > 0:

@@ -215,3 +215,10 @@ class nnUNetTrainerDALE_wideLightAlign(nnUNetTrainerDALE):
     -1.2 instead of -2.1 points, 0.7/0.5 unchanged, 0.7/0.7 -0.7); the wide reference won a point
     on clean labels by itself: do the two add up?"""
     dale_overrides = {"dale_align_weight": 0.03}
+
+
+class nnUNetTrainerDALE_massAlign(nnUNetTrainerDALE):
+    """Tuning variant: each class's alignment distance weighted by the share of that class's batch
+    mass that is fuzzy (``dale_align_mass``), at weight 1: a flagged voxel is pulled as hard
+    whether a batch holds few flagged voxels (clean labels: the early ensemble's errors) or many."""
+    dale_overrides = {"dale_align_mass": True, "dale_align_weight": 1.0}
