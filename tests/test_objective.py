@@ -79,7 +79,7 @@ def test_alignment_zero_for_identical_moments_positive_otherwise_gradient_to_fea
 def test_mass_weighted_alignment_pulls_a_flagged_voxel_no_harder_when_fewer_are_flagged():
     """Plain: the fuzzy mean of n flagged voxels is pulled, so each voxel's gradient grows as 1/n.
     Mass-weighted: each class's distance counts fuzzy / (fuzzy + reliable) of its batch mass, so a
-    flagged voxel's gradient is the same for 1 or 16 flagged voxels, and the term is share x plain."""
+    flagged voxel's gradient is about the same for 2 or 16 flagged voxels, and the term is share x plain."""
     g = torch.Generator().manual_seed(1)
     feats = torch.randn((1, 16, 8, 8), generator=g)
     align = FeatureAlignment(num_classes=1, momentum=1.0)
@@ -91,7 +91,7 @@ def test_mass_weighted_alignment_pulls_a_flagged_voxel_no_harder_when_fewer_are_
         reliable_mass = torch.tensor([64.0 - n])
         for weighted in (False, True):
             x = (feats + 1.0).requires_grad_(True)
-            value = align.loss(x, fuzzy, reliable_mass if weighted else None)
+            value = align.loss(x, fuzzy, mass_share(torch.tensor([float(n)]), reliable_mass) if weighted else None)
             value.backward()
             grads[n, weighted] = float(x.grad.flatten(2)[0, :, :n].norm(dim=0).mean())  # per flagged voxel
             if weighted:

@@ -107,18 +107,16 @@ class FeatureAlignment:
             self.seen[k] = True
 
     def loss(self, features: torch.Tensor, weights: torch.Tensor,
-             reliable_mass: torch.Tensor | None = None) -> torch.Tensor:
+             class_weight: torch.Tensor | None = None) -> torch.Tensor:
         """W2 between the batch's fuzzy moments (weights: (B, K, *S) fuzzy membership per class) and
-        the stored reliable moments (constants: no gradient reaches them). With ``reliable_mass``
-        (K,), the batch's reliable weight per class, each class's distance is weighted by the share
-        of that class's mass that is fuzzy, fuzzy / (fuzzy + reliable): the cost of moving that mass
-        (``mass_share``)."""
+        the stored reliable moments (constants: no gradient reaches them); with ``class_weight``
+        (K,) each class's distance is weighted by it (e.g. ``mass_share``)."""
         if self.mean is None or not self.seen.any():
             return features.sum() * 0
         mean_f, var_f, total = weighted_moments(features.float(), weights.to(features.device))
         valid = (self.seen.to(features.device) & (total > 1)).float()
-        if reliable_mass is not None:
-            valid = valid * mass_share(total, reliable_mass.to(total.device))
+        if class_weight is not None:
+            valid = valid * class_weight.to(valid.device)
         return w2_diagonal(mean_f, var_f, self.mean.detach(), self.var.detach(), valid, self.standardise)
 
     def state(self) -> dict:

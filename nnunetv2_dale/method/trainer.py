@@ -128,7 +128,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_align_mass`` (False): weight each class's alignment distance by the share of the
       batch's mass of that class that is fuzzy (``alignment.mass_share``), so a fuzzy voxel's pull
       does not grow as fewer voxels are flagged (the plain distance between the fuzzy and reliable
-      means pulls a batch's few flagged voxels as hard as many); the alignment's total weight then
+      means pulls each of a batch's few flagged voxels harder than each of many); the total weight then
       follows how much of the data is flagged. docs/method.md 7.12.
     - ``dale_reliable_certain`` (False): the reliable membership is omega alone, so the alignment's
       reference keeps the trusted voxels the ensemble is unsure of (boundaries); True: omega (1 - ER),
@@ -398,13 +398,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                     agree = logits.detach().argmax(1, keepdim=True) == members.argmax(1, keepdim=True)
                     terms["align_agreed"] = float((members * agree).sum() / members.sum().clamp_min(1e-6))
                     members = members * agree
-                mass = None
+                shares = None
                 if self.dale_align_mass:
-                    reference = (reliable * onehot).to(self.device)
-                    mass = reference.transpose(0, 1).flatten(1).sum(1)
-                    shares = mass_share(members.transpose(0, 1).flatten(1).sum(1), mass)
+                    per_class = [m.transpose(0, 1).flatten(1).sum(1) for m in (members, (reliable * onehot).to(self.device))]
+                    shares = mass_share(*per_class)
                     terms.update({f"align_share_{k}": float(v) for k, v in enumerate(shares)})
-                align = self.alignment.loss(self.alignment.features, members, mass)
+                align = self.alignment.loss(self.alignment.features, members, shares)
                 loss = loss + lam * align
                 terms["align_loss"] = float(align.detach())
         if self.dale_consistency_weight > 0:
