@@ -51,26 +51,66 @@ def prepare(workdir: Path, args: argparse.Namespace) -> dict[str, str]:
 
 
 def child(trainer_name: str, args: argparse.Namespace) -> dict:
-    """Train one trainer in this process (no final validation); its epochs' wall seconds."""
+    """Train one trainer in this process (no final validation) through nnU-Net's training loop,
+    timed stage by stage (``nnunetv2_dale.bench.split``)."""
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
+
+    from nnunetv2_dale.bench.split import run_training_split
 
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     trainer = get_trainer_from_args(str(DATASET_ID), args.configuration, "all", trainer_name, "nnUNetPlans",
                                     device=device)
-    trainer.run_training()
-    logger = trainer.logger
-    log = getattr(logger, "local_logger", logger).my_fantastic_logging  # nnU-Net 2.8: a MetaLogger
-    starts, ends = log["epoch_start_timestamps"], log["epoch_end_timestamps"]
-    walls = [b - a for a, b in zip(starts, starts[1:])] + [ends[-1] - starts[-1]]
+    epochs = run_training_split(trainer)
+    walls = [e["epoch_s"] for e in epochs]
     phases = [trainer.phase(e) for e in range(len(walls))] if hasattr(trainer, "phase") else ["-"] * len(walls)
     frozen = [trainer.memory_frozen(e) for e in range(len(walls))] if hasattr(trainer, "memory_frozen") else None
     cm = trainer.configuration_manager
     return {"epoch_s": walls, "phases": phases, "iters": trainer.num_iterations_per_epoch,
             "val_iters": trainer.num_val_iterations_per_epoch, "patch_size": list(cm.patch_size),
-            "batch_size": cm.batch_size, "memory_frozen": frozen}
+            "batch_size": cm.batch_size, "memory_frozen": frozen, "compiled": bool(getattr(trainer, "_do_i_compile", lambda: False)()),
+            "split": epochs}
+
+
+def steady(run: dict, skip: int) -> list[dict]:
+    """The epochs that count: from ``skip`` on (compilation, cudnn autotuning and DALE's phase
+    change before), and for DALE only those with the memory frozen."""
+    frozen = run["memory_frozen"] or [True] * len(run["split"])
+    return [e for i, e in enumerate(run["split"]) if i >= skip and frozen[i]]
+
+
+def summarise(runs: dict[str, list[dict]], skip: int) -> dict:
+    """Per trainer: medians over the steady epochs of all rounds (seconds per stage, ms per part)."""
+    from nnunetv2_dale.bench.split import PARTS
+
+    out = {}
+    for trainer, rs in runs.items():
+        eps = [e for run in rs for e in steady(run, skip)]
+        if not eps:
+            continue
+        med = lambda key: statistics.median(e[key] for e in eps)  # noqa: E731
+        out[trainer] = {"epochs_counted": len(eps), "first_epoch_s": statistics.median(run["epoch_s"][0] for run in rs),
+                        **{k: med(k) for k in ("epoch_s", "start_s", "train_loop_s", "train_epoch_end_s",
+                                               "validation_s", "epoch_end_s")},
+                        "iteration_ms": {p: statistics.median(e["iteration_ms"][p] for e in eps) for p in PARTS},
+                        "s_per_iter": med("epoch_s") / rs[0]["iters"]}
+    return out
+
+
+def table(summary: dict) -> str:
+    """Markdown: one row per trainer, seconds per epoch stage and milliseconds per iteration part."""
+    from nnunetv2_dale.bench.split import PARTS
+
+    head = ("| trainer | epochs | s/epoch | train loop | epoch end (train) | validation | on_epoch_end | "
+            + " | ".join(f"{p} ms" for p in PARTS) + " |")
+    rows = [head, "|" + "---|" * (7 + len(PARTS))]
+    for trainer, s in summary.items():
+        rows.append(f"| {trainer} | {s['epochs_counted']} | {s['epoch_s']:.2f} | {s['train_loop_s']:.2f} | "
+                    f"{s['train_epoch_end_s']:.2f} | {s['validation_s']:.2f} | {s['epoch_end_s']:.2f} | "
+                    + " | ".join(f"{s['iteration_ms'][p]:.1f}" for p in PARTS) + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -83,6 +123,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50, help="training iterations per epoch (nnU-Net: 250)")
     p.add_argument("--rounds", type=int, default=1, help="each round trains both trainers, order alternating")
     p.add_argument("--processes", type=int, default=8, help="preprocessing processes")
+    p.add_argument("--skip", type=int, default=2, help="epochs left out of the medians (compilation, warm-up)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
@@ -103,25 +144,33 @@ def main() -> None:
                 sys.exit(f"{trainer} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
             out = proc.stdout
             runs[trainer].append(json.loads(out.split("EPOCH_COST ", 1)[1].splitlines()[0]))
-            print(f"round {r}: {trainer} epochs (s): {[round(s, 1) for s in runs[trainer][-1]['epoch_s']]} "
-                  f"phases {runs[trainer][-1]['phases']}", flush=True)
-    summary = {}
-    for trainer, rs in runs.items():
-        later = [s for run in rs for s in run["epoch_s"][1:]]
-        summary[trainer] = {"first_epoch_s": statistics.median(run["epoch_s"][0] for run in rs),
-                            "epoch_s": statistics.median(later), "s_per_iter": statistics.median(later) / rs[0]["iters"]}  # epoch seconds / training iterations
-    ratio = summary["nnUNetTrainerDALE"]["epoch_s"] / summary["nnUNetTrainerBudget"]["epoch_s"]
+            last = runs[trainer][-1]
+            print(f"round {r}: {trainer} epochs (s): {[round(s, 1) for s in last['epoch_s']]} phases {last['phases']} "
+                  f"frozen {last['memory_frozen']}", flush=True)
+            for i, e in enumerate(last["split"]):
+                print(f"  epoch {i}: " + ", ".join(f"{k} {v:.2f}" for k, v in e.items() if k.endswith("_s"))
+                      + " | ms/iter " + ", ".join(f"{k} {v:.1f}" for k, v in e["iteration_ms"].items()), flush=True)
+            write(args, runs)
+    summary = write(args, runs)
     first = runs[TRAINERS[0]][0]
     print(f"\n{args.configuration} on {args.device}, patch {first['patch_size']} x batch {first['batch_size']}, "
-          f"{args.epochs} epochs x {args.iters} iterations:")
-    for trainer, s in summary.items():
-        print(f"  {trainer}: {s['epoch_s']:.2f} s per epoch (median of epochs 2+), {s['s_per_iter'] * 1000:.0f} ms "
-              f"per iteration, first epoch {s['first_epoch_s']:.1f} s")
-    print(f"  DALE / nnU-Net seconds per epoch: {ratio:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"settings": vars(args), "runs": runs, "summary": summary,
-                                               "ratio": ratio}, indent=1))
+          f"{args.epochs} epochs x {args.iters} iterations, {args.rounds} round(s); medians of epochs {args.skip}+ "
+          "(DALE: memory frozen):")
+    print(table(summary["summary"]))
+    if summary.get("ratio"):
+        print(f"  DALE / nnU-Net seconds per epoch: {summary['ratio']:.3f}")
 
+
+def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
+    """The summary so far, also written to ``--json`` (after every training, so a run cut short by
+    a time limit still leaves its figures)."""
+    summary = summarise(runs, args.skip)
+    ratio = (summary["nnUNetTrainerDALE"]["epoch_s"] / summary["nnUNetTrainerBudget"]["epoch_s"]
+             if len(summary) == 2 else None)
+    result = {"settings": vars(args), "runs": runs, "summary": summary, "ratio": ratio, "table": table(summary)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
 
 if __name__ == "__main__":
     main()

@@ -76,6 +76,28 @@ def test_alignment_zero_for_identical_moments_positive_otherwise_gradient_to_fea
     assert float(w2_diagonal(m, torch.ones((1, 3)), m, 4 * torch.ones((1, 3)), torch.ones(1))) == pytest.approx(1.0)
 
 
+def test_alignment_statistics_stay_in_full_precision_under_autocast():
+    """Under nnU-Net's mixed precision a matmul runs in half precision: the sums of squared
+    features over a 3d batch overflowed float16 on a GPU (the reliable statistics turned NaN and the
+    grad scaler then skipped every optimizer step). On this CPU, bfloat16 autocast rounds the same
+    matmuls to ~3 significant digits: the statistics must equal the float32 ones regardless."""
+    gen = torch.Generator().manual_seed(0)
+    features = 3 + torch.randn(2, 8, 16, 16, 16, generator=gen)
+    weights = torch.rand(2, 2, 16, 16, 16, generator=gen)
+    plain = FeatureAlignment(2, standardise=True)
+    plain.update_reliable(features, weights)
+    want = plain.loss(features * 1.1, weights.flip(1))
+    mixed = FeatureAlignment(2, standardise=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed.update_reliable(features, weights)
+        got = mixed.loss(features * 1.1, weights.flip(1))
+    assert mixed.mean.dtype == torch.float32 and got.dtype == torch.float32
+    torch.testing.assert_close(mixed.mean, plain.mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed.var, plain.var, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert bool(mixed.seen.all()) and want > 0
+
+
 def test_mass_weighted_alignment_pulls_a_flagged_voxel_no_harder_when_fewer_are_flagged():
     """Plain: the fuzzy mean of n flagged voxels is pulled, so each voxel's gradient grows as 1/n.
     Mass-weighted: each class's distance counts fuzzy / (fuzzy + reliable) of its batch mass, so a

@@ -29,15 +29,23 @@ def last_decoder_stage(network: nn.Module) -> nn.Module:
     return net.decoder.stages[-1]
 
 
+def full_precision(device: torch.device):
+    """Autocast off: under nnU-Net's mixed precision a matmul would run in float16, whose sums of
+    squared features over a 3d batch (millions of voxels) overflow to inf; the alignment's
+    statistics then turn NaN and every later optimizer step is skipped by the grad scaler."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def weighted_moments(features: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class weighted mean and variance of (B, C, *S) features with (B, K, *S) weights.
     Returns mean (K, C), var (K, C), total weight (K,)."""
-    f = features.flatten(2).transpose(0, 1).flatten(1)  # (C, N)
-    w = weights.flatten(2).transpose(0, 1).flatten(1).to(f.dtype)  # (K, N)
-    total = w.sum(1)
-    mean = (w @ f.T) / total.clamp_min(1e-6)[:, None]
-    var = (w @ (f.T ** 2)) / total.clamp_min(1e-6)[:, None] - mean ** 2
-    return mean, var.clamp_min(0), total
+    with full_precision(features.device):  # sums over millions of voxels: float16 would overflow
+        f = features.float().flatten(2).transpose(0, 1).flatten(1)  # (C, N)
+        w = weights.flatten(2).transpose(0, 1).flatten(1).float()  # (K, N)
+        total = w.sum(1)
+        mean = (w @ f.T) / total.clamp_min(1e-6)[:, None]
+        var = (w @ (f.T ** 2)) / total.clamp_min(1e-6)[:, None] - mean ** 2
+        return mean, var.clamp_min(0), total
 
 
 def w2_diagonal(mean_a: torch.Tensor, var_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor,
@@ -85,33 +93,35 @@ class FeatureAlignment:
     def update_reliable(self, features: torch.Tensor, weights: torch.Tensor, ddp: bool = False) -> None:
         """Fold the batch's reliable moments (weights: (B, K, *S) reliable membership per class)."""
         f = features.detach().float()
-        w = weights.to(f.device)
-        sum_w = w.flatten(2).transpose(0, 1).flatten(1).sum(1)
-        flat_f = f.flatten(2).transpose(0, 1).flatten(1)
-        flat_w = w.flatten(2).transpose(0, 1).flatten(1)
-        sums = torch.cat([sum_w[:, None], flat_w @ flat_f.T, flat_w @ (flat_f.T ** 2)], 1)  # (K, 1 + 2C)
+        w = weights.to(f.device).float()
+        with full_precision(f.device):
+            sum_w = w.flatten(2).transpose(0, 1).flatten(1).sum(1)
+            flat_f = f.flatten(2).transpose(0, 1).flatten(1)
+            flat_w = w.flatten(2).transpose(0, 1).flatten(1)
+            sums = torch.cat([sum_w[:, None], flat_w @ flat_f.T, flat_w @ (flat_f.T ** 2)], 1)  # (K, 1 + 2C)
         if ddp:
             torch.distributed.all_reduce(sums)
         c = f.shape[1]
         total = sums[:, 0]
         mean = sums[:, 1:1 + c] / total.clamp_min(1e-6)[:, None]
         var = (sums[:, 1 + c:] / total.clamp_min(1e-6)[:, None] - mean ** 2).clamp_min(0)
-        has = (total > 1).cpu()
+        has = total > 1  # no host round trip: the update is masked on the device
         if self.mean is None:
             self.mean, self.var = torch.zeros_like(mean), torch.ones_like(var)
         self.mean, self.var = self.mean.to(f.device), self.var.to(f.device)
-        for k in torch.nonzero(has).flatten().tolist():
-            m = 1.0 if not self.seen[k] else self.momentum
-            self.mean[k] = (1 - m) * self.mean[k] + m * mean[k]
-            self.var[k] = (1 - m) * self.var[k] + m * var[k]
-            self.seen[k] = True
+        seen = self.seen.to(f.device)
+        m = (1 - seen.float() * (1 - self.momentum))[:, None]  # 1 for a class's first statistics
+        update = has[:, None]
+        self.mean = torch.where(update, (1 - m) * self.mean + m * mean, self.mean)
+        self.var = torch.where(update, (1 - m) * self.var + m * var, self.var)
+        self.seen = seen | has
 
     def loss(self, features: torch.Tensor, weights: torch.Tensor,
              class_weight: torch.Tensor | None = None) -> torch.Tensor:
         """W2 between the batch's fuzzy moments (weights: (B, K, *S) fuzzy membership per class) and
         the stored reliable moments (constants: no gradient reaches them); with ``class_weight``
         (K,) each class's distance is weighted by it (e.g. ``mass_share``)."""
-        if self.mean is None or not self.seen.any():
+        if self.mean is None:  # classes not seen yet count 0 below (no host check of ``seen``)
             return features.sum() * 0
         mean_f, var_f, total = weighted_moments(features.float(), weights.to(features.device))
         valid = (self.seen.to(features.device) & (total > 1)).float()
@@ -121,7 +131,7 @@ class FeatureAlignment:
 
     def state(self) -> dict:
         return {"mean": None if self.mean is None else self.mean.cpu().tolist(),
-                "var": None if self.var is None else self.var.cpu().tolist(), "seen": self.seen.tolist()}
+                "var": None if self.var is None else self.var.cpu().tolist(), "seen": self.seen.cpu().tolist()}
 
     def load_state(self, state: dict) -> None:
         self.mean = None if state.get("mean") is None else torch.tensor(state["mean"])
