@@ -101,6 +101,7 @@ def _trainer_with_filled_memory(multilabel2d, monkeypatch, seed: int, visits):
     ensembles for every voxel (ignored ones included) and ``visits(rng, size)`` visit counts."""
     tree, _ = multilabel2d
     trainer = inprocess_trainer(tree, 987, "2d", monkeypatch)
+    trainer.dale_noise_gate = False  # the objective's own mechanics (the gate: test_noise_gate.py)
     trainer.on_train_start()
     rng = np.random.default_rng(seed)
     for key in trainer.memory.case_shapes:

@@ -145,9 +145,23 @@ def _overlay(rw, raw: Path, out: Path, key: str, ending: str) -> None:
     plt.close(fig)
 
 
+def noise_estimate_text(fold: Path) -> str:
+    """The trainer's label-noise estimate (``dale_noise_estimate.json``) in words."""
+    from nnunetv2_dale.method.noise_estimate import ESTIMATE_FILE, NoiseEstimate
+
+    path = Path(fold) / ESTIMATE_FILE
+    if not path.is_file():
+        return ("No label-noise estimate in this fold: the trainer writes it once its warm-up ends "
+                "(nnunetv2-dale 0.2 and later).")
+    estimate = NoiseEstimate.from_dict(json.loads(path.read_text()))
+    return (f"Label-noise estimate (epoch {estimate.epoch}): {estimate.summary()}. It counts only what the early "
+            "network contradicts with confidence away from the boundary rim, so it is a lower bound on boundary "
+            "noise and includes the network's own errors on hard cases; README, 'How noisy are my labels'.")
+
+
 def _summary(fc: FoldConfidence, out: Path, rows: list[dict], threshold: float, drawn: list[str]) -> None:
     top = rows[: min(20, len(rows))]
-    lines = [f"# Label audit of {fc.fold_dir}", "",
+    lines = [f"# Label audit of {fc.fold_dir}", "", noise_estimate_text(fc.fold_dir), "",
              f"Buffers: {fc.source}. Suspect: omega < {threshold} (omega = DALE's label confidence; unknown "
              f"voxels, visited fewer than {fc.min_visits} times or outside nnU-Net's crop, are never counted as "
              "confident or suspect).", "",
@@ -188,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"nnunetv2-dale: audited {len(rows)} training cases ({fc.source}); worst: "
           + ", ".join(f"{r['case']} (suspect volume {r['suspect_relative_to_foreground']:.0%} of its foreground)"
                      for r in rows[:3]))
+    print("nnunetv2-dale: " + noise_estimate_text(fold))
     print(f"nnunetv2-dale: wrote {out / 'label_audit.csv'}, {out / 'label_audit.md'}, maps and overlays in {out}")
     print(json.dumps({"output": str(out), "cases": len(rows)}))
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from nnunetv2_dale.data.io import case_ids, reader_writer
 from nnunetv2_dale.data.noise import NoiseSpec, changed_fraction
+from nnunetv2_dale.bench.provenance import run_provenance
 from nnunetv2_dale.utilities.preflight import tool
 
 BASELINE_ALIAS = {"nnUNetTrainer": "nnUNetTrainerBudget"}
@@ -411,6 +412,7 @@ def run(args: argparse.Namespace, out: Path) -> None:
                               budget={k: settings[k] for k in ("epochs", "iters", "batch_size", "feature_scale")},
                               trainer_class=real, configuration=configuration, metrics=aggregate(per_case),
                               per_case=per_case, log=str(log.relative_to(out)), predictions=str(pred.relative_to(out)))
+                record.update(run_provenance(fold))
                 if (fold / "dale_memory").is_dir() and spec.model != "none":
                     record["noise_detection"] = noise_auroc(fold, out / "nnUNet_preprocessed", raw, dataset_json)
                 results["runs"][key] = record

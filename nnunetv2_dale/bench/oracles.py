@@ -30,7 +30,8 @@ class _NoiseOracle(nnUNetTrainerDALE):
     """omega = 1 - (the source voxel's label was changed by the injected noise)."""
 
     # label_confidence needs each patch voxel's source index; the defaults the ladder was measured with
-    dale_overrides = {"dale_worker_reads": False, "dale_horizon_from_curve": False, "dale_reliable_certain": True}
+    dale_overrides = {"dale_worker_reads": False, "dale_horizon_from_curve": False, "dale_reliable_certain": True,
+                      "dale_noise_gate": False}
 
     def on_train_start(self):
         super().on_train_start()

@@ -41,8 +41,26 @@ def _groups(runs: dict) -> dict:
     return out
 
 
+def _label(trainer: str, recs: list[dict], today: str | None) -> str:
+    """The trainer's name, marked where its records carry hyperparameters: "today's defaults" when
+    every seed ran with today's ``nnUNetTrainerDALE`` hyperparameters."""
+    hashes = {r.get("hyperparameter_hash") for r in recs}
+    if today is not None and hashes == {today}:
+        return f"{trainer} (today's defaults)"
+    return trainer
+
+
+def _today() -> str | None:
+    try:
+        from nnunetv2_dale.bench.provenance import defaults, hyperparameter_hash
+        return hyperparameter_hash(defaults())
+    except ImportError:
+        return None
+
+
 def table(results: dict) -> str:
     groups = _groups(results.get("runs", {}))
+    today = _today()
     lines = ["| dataset | noise (changed share of fg) | trainer | Dice | band Dice | HD95 (mm) | Δ Dice vs "
              "baseline | gap recovered | noise AUROC | train min |", "|" + "---|" * 10]
     for dataset, by_noise in groups.items():
@@ -63,7 +81,7 @@ def table(results: dict) -> str:
                              and np.isfinite(gap) and gap > 0.005 else "-")
                 auc = _stats([r.get("noise_detection", {}).get("auroc") for r in recs])
                 minutes = _stats([r["train_seconds"] / 60 for r in recs if "train_seconds" in r])
-                lines.append(f"| {dataset} | {noise} ({changed:.2f}) | {trainer} | {_fmt(*dice)} | {_fmt(*band)} | "
+                lines.append(f"| {dataset} | {noise} ({changed:.2f}) | {_label(trainer, recs, today)} | {_fmt(*dice)} | {_fmt(*band)} | "
                              f"{_fmt(*hd, digits=2)} | {_fmt(*delta)} | {recovered} | {_fmt(*auc, digits=3)} | "
                              f"{_fmt(*minutes, digits=1)} |")
     return "\n".join(lines)
@@ -257,6 +275,7 @@ def _budgets(results: dict) -> str:
 def per_seed_table(results: dict) -> str:
     """Test Dice of every run, one column per seed, so that differences can be read paired."""
     groups = _groups(results.get("runs", {}))
+    today = _today()
     seeds = sorted({r["seed"] for r in results.get("runs", {}).values()})
     lines = ["| dataset | noise | trainer | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|" + "---|" * (3 + len(seeds))]
@@ -264,7 +283,8 @@ def per_seed_table(results: dict) -> str:
         for noise, by_trainer in by_noise.items():
             for trainer, by_seed in by_trainer.items():
                 cells = [f"{by_seed[s]['metrics']['dice']:.4f}" if s in by_seed else "-" for s in seeds]
-                lines.append(f"| {dataset} | {noise} | {trainer} | " + " | ".join(cells) + " |")
+                label = _label(trainer, list(by_seed.values()), today)
+                lines.append(f"| {dataset} | {noise} | {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """What the memory looks like: the progress.png panel and per-case buffer pictures.
 
-``DALELocalLogger`` is nnU-Net's ``LocalLogger`` with two more per-epoch keys. Its
+``DALELocalLogger`` is nnU-Net's ``LocalLogger`` with DALE's per-epoch keys. Its
 ``plot_progress_png`` lets nnU-Net draw its usual three panels and adds a fourth, in the same
 figure, with the fraction of voxels visited, the mean label confidence per class, the R-set
 memberships, the phase and the alignment loss, so ``progress.png`` stays the one place to watch a
@@ -14,7 +14,7 @@ import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 DALE_KEYS = ("dale_visited_fraction", "dale_mean_confidence", "dale_phase", "dale_reliable_fraction",
-             "dale_fuzzy_fraction", "dale_align_loss")
+             "dale_fuzzy_fraction", "dale_align_loss", "dale_noise_estimate", "dale_gate")
 
 
 class DALELocalLogger(LocalLogger):
@@ -61,6 +61,9 @@ class DALELocalLogger(LocalLogger):
         per_class = np.array([c for c in confidence], dtype=float).reshape(len(confidence), -1)
         for k in range(per_class.shape[1]):
             ax.plot(x, per_class[:, k], ls="--", linewidth=3, label=f"mean label confidence, class {k}")
+        ax.plot(x, log["dale_noise_estimate"][:len(x)], color="b", ls="-.", linewidth=3,
+                label="noise estimate (median case)")
+        ax.plot(x, log["dale_gate"][:len(x)], color="orange", linewidth=3, label="noise gate")
         ax.plot(x, log["dale_reliable_fraction"][:len(x)], color="g", linewidth=3, label="reliable membership (mean)")
         ax.plot(x, log["dale_fuzzy_fraction"][:len(x)], color="r", linewidth=3, label="fuzzy membership (mean)")
         ax.step(x, [p / 3 for p in log["dale_phase"][:len(x)]], color="gray", where="mid",

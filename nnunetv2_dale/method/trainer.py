@@ -32,6 +32,7 @@ from nnunetv2_dale.method.coords import source_indices, training_loader_with_coo
 from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_target, ensemble_consistency
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
                                         loss_signal, omega_per_voxel)
+from nnunetv2_dale.method.noise_estimate import ESTIMATE_FILE, NoiseEstimate, case_counts
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
 from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, update_saturation
 from nnunetv2_dale.method.schedule import (FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight,
@@ -75,6 +76,7 @@ class RSetMaps(NamedTuple):
     onehot: torch.Tensor
     ensemble: torch.Tensor
     known: torch.Tensor
+    gate_share: torch.Tensor  # () the batch's gated over ungated fuzzy mass (1 without the gate)
 
 
 class nnUNetTrainerDALE(nnUNetTrainerBudget):
@@ -133,6 +135,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_reliable_certain`` (False): the reliable membership is omega alone, so the alignment's
       reference keeps the trusted voxels the ensemble is unsure of (boundaries); True: omega (1 - ER),
       the default before (``nnUNetTrainerDALE_curveHorizon``). docs/method.md 7.5-7.6.
+    - ``dale_noise_gate`` (True): DALE's objective acts as far as the labels look noisy
+      (``noise_estimate.py``): omega -> 1 - g (1 - omega), the alignment weight and the fuzzy
+      sampling share times g, where the gate g rises from 0 at ``dale_gate_low`` (0.08) to 1 at
+      ``dale_gate_high`` (0.14) of the median case's share of labelled lesion area that the early
+      ensemble contradicts at least ``dale_gate_margin`` (2.5) voxels from a label change; on labels
+      that look clean DALE trains as stock nnU-Net. False: the defaults before the gate
+      (``nnUNetTrainerDALE_ungated``). docs/method.md 7.13.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -161,7 +170,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.set_dale_hyperparameters()
         self.mixtures: list[Mixture] = [Mixture() for _ in self.label_manager.all_labels]
         self.alignment = FeatureAlignment(len(self.label_manager.all_labels))
-        self._epoch_terms: dict[str, list[float]] = {}
+        self._epoch_terms: dict[str, list[torch.Tensor]] = {}
         self.memory: ConfidenceMemory | None = None
         self._dale_restore: tuple[int, str] | None = None
         self._curve_saturation: list[int | None] = []  # per class: epoch count at which its curve saturated
@@ -169,6 +178,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
         self._best_without_buffers = False  # said in the log once
         self._skipped_steps = 0
+        self.noise_estimate: NoiseEstimate | None = None
         self.logger.local_logger = DALELocalLogger()
         self.print_to_log_file(
             f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
@@ -206,6 +216,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_align_cooldown_fraction = 0.0
         self.dale_align_mass = False
         self.dale_agreement_weights = False
+        self.dale_noise_gate = True
+        self.dale_gate_low = 0.08
+        self.dale_gate_high = 0.14
+        self.dale_gate_margin = 2.5
+        self.dale_estimate_every = 10
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
         self.dale_use_alignment = self.use_alignment
@@ -249,10 +264,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
+        if self.memory is not None and self.phase() != WARMUP and self.noise_estimate is None:
+            self.update_noise_estimate()  # a run resumed from buffers saved without an estimate
         if self.memory is not None and self.local_rank == 0:  # read by the augmentation workers
             write_json_atomic(self.memory_folder / SAMPLING_FILE, {
                 "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
-                "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures]})
+                "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures],
+                "gates": self.case_gates()})
 
     def _build_memory(self) -> ConfidenceMemory:
         dataset_tr, _ = self.get_tr_and_val_datasets()
@@ -306,6 +324,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 self.mixtures = [Mixture.from_dict(m) for m in extra["mixtures"]]
             if "alignment" in extra:
                 self.alignment.load_state(extra["alignment"])
+            if "noise_estimate" in extra:
+                self.noise_estimate = NoiseEstimate.from_dict(extra["noise_estimate"])
         where = "restored from epoch %d" % self._dale_restore[0] if self._dale_restore else "new"
         self.print_to_log_file(
             f"DALE memory ({where}): {len(self.memory.case_shapes)} cases, {self.memory.total_voxels} voxels, "
@@ -357,15 +377,17 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             self._epoch_terms.setdefault(k, []).append(v)
         return {'loss': loss.detach().cpu().numpy()}
 
-    def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
         targets = target if isinstance(target, list) else [target]
-        omega, reliable, fuzzy, soft, onehot, ensemble, known = self.rset_maps(batch)
+        omega, reliable, fuzzy, soft, onehot, ensemble, known, gate_share = self.rset_maps(batch)
         ds = len(targets) > 1
         if self.dale_confidence_floor > 0:
             omega = self.dale_confidence_floor + (1 - self.dale_confidence_floor) * omega
         omegas = self._to_scales(omega, targets)
-        terms: dict[str, float] = {"reliable_fraction": float(reliable.mean()), "fuzzy_fraction": float(fuzzy.mean())}
+        # terms stay on the device (a float() here would wait for the forward pass every step); the
+        # epoch's means are taken once, in on_train_epoch_end
+        terms: dict[str, torch.Tensor] = {"reliable_fraction": reliable.mean(), "fuzzy_fraction": fuzzy.mean()}
         loss = 0
         weights = None  # omegas on the device, built once per step where a phase weights its loss
         if phase in (STABLE, JOINT):
@@ -375,7 +397,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             weights = [o.to(self.device) for o in omegas]
             stable = self.loss(output, target, weights=weights if ds else weights[0])
             loss = loss + stable
-            terms["stable_loss"] = float(stable.detach())
+            terms["stable_loss"] = stable.detach()
             if self.dale_use_alignment and self.alignment.features is not None:
                 self.alignment.update_reliable(self.alignment.features, reliable * onehot, self.is_ddp)
         if phase in (FUZZY, JOINT):
@@ -387,7 +409,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 weights = weights or [o.to(self.device) for o in omegas]
                 collaborative = self.loss(output, target, weights=weights if ds else weights[0])
             loss = loss + collaborative
-            terms["fuzzy_loss"] = float(collaborative.detach())
+            terms["fuzzy_loss"] = collaborative.detach()
             lam = alignment_weight(self.current_epoch, self.num_epochs, self.warmup_end(),
                                    self.dale_align_weight, self.dale_align_rampup_fraction,
                                    self.dale_align_cooldown_fraction)
@@ -396,21 +418,21 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 if self.dale_align_agreement:
                     logits = output[0] if isinstance(output, (list, tuple)) else output
                     agree = logits.detach().argmax(1, keepdim=True) == members.argmax(1, keepdim=True)
-                    terms["align_agreed"] = float((members * agree).sum() / members.sum().clamp_min(1e-6))
+                    terms["align_agreed"] = (members * agree).sum() / members.sum().clamp_min(1e-6)
                     members = members * agree
                 shares = None
                 if self.dale_align_mass:
                     per_class = [m.transpose(0, 1).flatten(1).sum(1) for m in (members, (reliable * onehot).to(self.device))]
                     shares = mass_share(*per_class)
-                    terms.update({f"align_share_{k}": float(v) for k, v in enumerate(shares)})
+                    terms.update({f"align_share_{k}": v for k, v in enumerate(shares)})
                 align = self.alignment.loss(self.alignment.features, members, shares)
-                loss = loss + lam * align
-                terms["align_loss"] = float(align.detach())
+                loss = loss + lam * gate_share * align
+                terms["align_loss"] = align.detach()
         if self.dale_consistency_weight > 0:
             logits = output[0] if isinstance(output, (list, tuple)) else output
             consistency = ensemble_consistency(logits, ensemble.to(self.device), known.to(self.device))
             loss = loss + self.dale_consistency_weight * consistency
-            terms["consistency_loss"] = float(consistency.detach())
+            terms["consistency_loss"] = consistency.detach()
         return loss, terms
 
     @torch.no_grad()
@@ -451,6 +473,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         known = valid & (visits >= self.dale_min_visits)
         omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
                              for b, (key, index) in enumerate(zip(keys, indices))])
+        gate_share = torch.ones((), device=dev)
+        if self.dale_noise_gate:  # a case that looks clean keeps its labels: omega -> 1 - g (1 - omega)
+            gates = self.case_gates()
+            g = torch.tensor([gates.get(key, 0.0) for key in keys], dtype=omega.dtype).to(dev, non_blocking=True)
+            doubt = (1 - omega).sum(1)
+            gate_share = (g * doubt).sum() / doubt.sum().clamp_min(1e-6)
+            omega = 1 - g[:, None] * (1 - omega)
         flat_q = q.reshape(-1, channels)
         entropy = torch.where(known.reshape(-1), entropy_signal(flat_q), torch.zeros((), device=dev))
         qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
@@ -473,7 +502,43 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
             counted = (labels_dev != ignore).float()
             reliable, fuzzy = reliable * counted, fuzzy * counted
-        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known)
+        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known, gate_share)
+
+    def case_gates(self) -> dict[str, float]:
+        """Each training case's gate: the dataset's (``noise_estimate``), 0 for every case (stock
+        nnU-Net) before the first estimate; 1 for every case without the gate."""
+        keys = self.memory.case_shapes if self.memory is not None else {}
+        if not self.dale_noise_gate:
+            return {k: 1.0 for k in keys}
+        g = self.noise_estimate.gate() if self.noise_estimate is not None else 0.0
+        return {k: g for k in keys}
+
+    def update_noise_estimate(self) -> None:
+        """Estimate the label noise from the whole memory (one pass over the buffers and the
+        labels), log it and write it as JSON in the fold folder."""
+        self.memory.flush()
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        keys = sorted(self.memory.case_shapes)
+        counts = np.zeros((len(keys), 3), dtype=np.int64)
+        for i, key in enumerate(keys):
+            q, n = self.memory.case_arrays(key)
+            seg = np.asarray(dataset_tr.load_case(key)[1][0])
+            counts[i] = case_counts(q, n, seg, self.dale_min_visits, self.dale_gate_margin)
+        self.noise_estimate = NoiseEstimate(keys, counts[:, 0], counts[:, 1], counts[:, 2], self.dale_gate_low,
+                                            self.dale_gate_high, self.dale_gate_margin, self.current_epoch)
+        if self.local_rank == 0:
+            write_json_atomic(Path(self.output_folder) / ESTIMATE_FILE, self.noise_estimate.to_dict())
+        self.print_to_log_file("DALE noise estimate: " + self.noise_estimate.summary())
+
+    def _estimate_due(self) -> bool:
+        """At an epoch end where the memory was written and DALE's objective runs next: always
+        when the memory freezes from the next epoch on (the estimate the rest of the training
+        keeps), else every ``dale_estimate_every`` epochs (each estimate reads every buffer)."""
+        nxt = self.current_epoch + 1
+        if self.memory_frozen() or self.phase(nxt) == WARMUP or nxt >= self.num_epochs:
+            return False
+        return (self.memory_frozen(nxt) or self.noise_estimate is None
+                or (nxt - self.warmup_end()) % max(self.dale_estimate_every, 1) == 0)
 
     def label_confidence(self, key: str, index: torch.Tensor, valid: torch.Tensor, known: torch.Tensor,
                          labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -552,10 +617,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 labels = target[b].reshape(-1).to(dev, non_blocking=True).long()
                 if ignore is not None:
                     valid &= labels != ignore
-                if valid.any():
-                    p = probs[b].reshape(probs.shape[1], -1).T
-                    patch = scatter_patch(index[valid], p[valid], labels[valid], channels)
-                    patches.append((key, patch.to("cpu", non_blocking=True)))
+                p = probs[b].reshape(probs.shape[1], -1).T  # an empty selection gives an empty update
+                patch = scatter_patch(index[valid], p[valid], labels[valid], channels)
+                patches.append((key, patch.to("cpu", non_blocking=True)))
             return patches
 
         if logits.device.type == "cuda":
@@ -595,7 +659,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         visited, confidence, skipped, hist = self.memory.finish_epoch(self.is_ddp)
         if not self.memory_frozen():
             self.mixtures = [fit_mixture(h, tied=self.dale_mixture_tied) for h in hist]
-        terms = {k: float(np.mean(v)) for k, v in self._epoch_terms.items()}
+        terms = {k: float(torch.stack([t.float() for t in v]).mean()) for k, v in self._epoch_terms.items()}  # one sync
         self._epoch_terms = {}
         phase = self.phase()
         self.logger.log("dale_visited_fraction", visited, self.current_epoch)
@@ -605,6 +669,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.logger.log("dale_fuzzy_fraction", terms.get("fuzzy_fraction", float("nan")), self.current_epoch)
         self.logger.log("dale_align_loss", terms.get("align_loss", float("nan")), self.current_epoch)
         self._update_curve_horizon()
+        if self._estimate_due():
+            self.update_noise_estimate()
+        est = self.noise_estimate
+        self.logger.log("dale_noise_estimate", est.median_case() if est else float("nan"), self.current_epoch)
+        self.logger.log("dale_gate", (est.gate() if self.dale_noise_gate else 1.0) if est else float("nan"),
+                        self.current_epoch)
         fitted = [f"class {c}: clean l~N({m.means[0]:.2f},{m.stds[0]:.2f}) w={m.weights[0]:.2f}, noisy "
                   f"l~N({m.means[1]:.2f},{m.stds[1]:.2f})" if m.fitted else f"class {c}: one population (omega=1)"
                   for c, m in enumerate(self.mixtures)]
@@ -662,8 +732,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         tmp = filename + ".tmp"
         with write_failures_explained(os.path.dirname(filename), os.path.basename(filename), tmp):
             if write_memory and self.local_rank == 0:
-                self.memory.snapshot(epoch, {"mixtures": [m.to_dict() for m in self.mixtures],
-                                             "alignment": self.alignment.state()}, same_as=self._frozen_snapshot)
+                extra = {"mixtures": [m.to_dict() for m in self.mixtures], "alignment": self.alignment.state()}
+                if self.noise_estimate is not None:
+                    extra["noise_estimate"] = self.noise_estimate.to_dict()
+                self.memory.snapshot(epoch, extra, same_as=self._frozen_snapshot)
                 if self.memory.snapshot_linked:
                     self.print_to_log_file(f"DALE buffers for epoch {epoch}: {self.memory.snapshot_linked} files "
                                            f"hard-linked from the snapshot of epoch {self._frozen_snapshot} (frozen "

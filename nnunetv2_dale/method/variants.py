@@ -7,7 +7,9 @@ from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 # froze after a fixed share of the epochs; the alignment's reliable reference was omega (1 - ER)):
 # they keep those, so that their benchmark records stay reproducible under their names. The
 # ablations (use_* switched off) follow the defaults.
-FIXED_HORIZON = {"dale_horizon_from_curve": False, "dale_reliable_certain": True}
+# Every tuning variant also keeps the objective ungated (issue 27's noise gate came after them).
+UNGATED = {"dale_noise_gate": False}
+FIXED_HORIZON = {"dale_horizon_from_curve": False, "dale_reliable_certain": True, **UNGATED}
 
 
 class nnUNetTrainerDALE_1epoch(nnUNetTrainerDALE):
@@ -170,7 +172,7 @@ class nnUNetTrainerDALE_curveHorizon(nnUNetTrainerDALE):
     criterion, ``dale_horizon_from_curve``), at the latest at the fixed share: the tuning variant
     that made this the default, and the defaults until the wide reference (the alignment's
     reliable reference omega (1 - ER), ``dale_reliable_certain``)."""
-    dale_overrides = {"dale_horizon_from_curve": True, "dale_reliable_certain": True}
+    dale_overrides = {**UNGATED, "dale_horizon_from_curve": True, "dale_reliable_certain": True}
 
 
 class nnUNetTrainerDALE_fixedHorizon(nnUNetTrainerDALE):
@@ -185,28 +187,28 @@ class nnUNetTrainerDALE_wideReference(nnUNetTrainerDALE):
     alone instead of omega (1 - ER) (``dale_reliable_certain`` False), so it keeps the correctly
     labelled voxels the ensemble is unsure of (boundaries) and does not pull the flagged voxels'
     features toward interior ones only."""
-    dale_overrides = {"dale_horizon_from_curve": True, "dale_reliable_certain": False}
+    dale_overrides = {**UNGATED, "dale_horizon_from_curve": True, "dale_reliable_certain": False}
 
 
 class nnUNetTrainerDALE_alignCooldown(nnUNetTrainerDALE):
     """Tuning variant: the alignment weight falls linearly to ~0 over the last 30 % of the epochs
     (``dale_align_cooldown_fraction``), so the low-learning-rate end of the poly schedule refines
     boundaries without the pull toward the early ensemble."""
-    dale_overrides = {"dale_align_cooldown_fraction": 0.3}
+    dale_overrides = {**UNGATED, "dale_align_cooldown_fraction": 0.3}
 
 
 class nnUNetTrainerDALE_agreeWeights(nnUNetTrainerDALE):
     """Tuning variant: the loss weights and the collaborative target use omega x min(1, 2 q[y])
     (``dale_agreement_weights``): voxels whose frozen ensemble prefers another class are discounted
     too (recall of the injected noise 0.39 -> 0.65 offline); the R-sets of the alignment keep omega."""
-    dale_overrides = {"dale_agreement_weights": True}
+    dale_overrides = {**UNGATED, "dale_agreement_weights": True}
 
 
 class nnUNetTrainerDALE_plainSampling(nnUNetTrainerDALE):
     """Tuning variant: the current defaults with nnU-Net's own patch sampling in the fuzzy phases
     too (``dale_fuzzy_sampling_share`` 0): on clean labels half of the fuzzy-phase patches were
     centred on voxels the early ensemble gets wrong, i.e. on the alignment's false flags."""
-    dale_overrides = {"dale_fuzzy_sampling_share": 0.0}
+    dale_overrides = {**UNGATED, "dale_fuzzy_sampling_share": 0.0}
 
 
 class nnUNetTrainerDALE_wideLightAlign(nnUNetTrainerDALE):
@@ -214,11 +216,18 @@ class nnUNetTrainerDALE_wideLightAlign(nnUNetTrainerDALE):
     0.03 instead of 0.1. ``_lightAlign`` measured the weight on the fixed-horizon defaults (clean
     -1.2 instead of -2.1 points, 0.7/0.5 unchanged, 0.7/0.7 -0.7); the wide reference won a point
     on clean labels by itself: do the two add up?"""
-    dale_overrides = {"dale_align_weight": 0.03}
+    dale_overrides = {**UNGATED, "dale_align_weight": 0.03}
 
 
 class nnUNetTrainerDALE_massAlign(nnUNetTrainerDALE):
     """Tuning variant: each class's alignment distance weighted by the share of that class's batch
     mass that is fuzzy (``dale_align_mass``), at weight 1: a flagged voxel is pulled as hard
     whether a batch holds few flagged voxels (clean labels: the early ensemble's errors) or many."""
-    dale_overrides = {"dale_align_mass": True, "dale_align_weight": 1.0}
+    dale_overrides = {**UNGATED, "dale_align_mass": True, "dale_align_weight": 1.0}
+
+
+class nnUNetTrainerDALE_ungated(nnUNetTrainerDALE):
+    """The defaults before the noise gate (issue 27): DALE's objective acts on every case alike,
+    however clean its labels look (the estimate is still logged). The ``_wideReference`` records
+    of benchmarks/ddti_fast are these hyperparameters."""
+    dale_overrides = UNGATED

@@ -1,0 +1,43 @@
+"""Which code produced a benchmark run: the trainer's DALE hyperparameters as it trained (from the
+``debug.json`` nnU-Net writes in the fold folder), their hash, the package version, and the noise
+estimate the trainer wrote; and the hash of today's defaults, so a report can mark which rows are
+today's ``nnUNetTrainerDALE``."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from nnunetv2_dale import __version__
+
+# attributes that change how a run is executed, not what it computes
+NOT_RESULTS = {"dale_picture_every", "dale_background_writes", "dale_worker_reads", "dale_estimate_every",
+               "dale_overrides"}
+
+
+def hyperparameter_hash(hp: dict) -> str:
+    return hashlib.sha1(json.dumps(hp, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def defaults() -> dict:
+    """``nnUNetTrainerDALE``'s hyperparameters now (set on a bare instance, no nnU-Net set-up)."""
+    from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
+
+    bare = nnUNetTrainerDALE.__new__(nnUNetTrainerDALE)
+    bare.set_dale_hyperparameters()
+    # as nnU-Net writes them to debug.json: every value as str()
+    return {k: str(v) for k, v in vars(bare).items() if k.startswith("dale_") and k not in NOT_RESULTS}
+
+
+def run_provenance(fold: Path) -> dict:
+    """What to store with a run record (DALE trainers only carry hyperparameters and an estimate)."""
+    out: dict = {"package_version": __version__}
+    debug = fold / "debug.json"
+    if debug.is_file():
+        hp = {k: v for k, v in json.loads(debug.read_text()).items() if k.startswith("dale_") and k not in NOT_RESULTS}
+        if hp:
+            out.update(hyperparameters=hp, hyperparameter_hash=hyperparameter_hash(hp))
+    estimate = fold / "dale_noise_estimate.json"
+    if estimate.is_file():
+        out["noise_estimate"] = json.loads(estimate.read_text())["dataset"]
+    return out

@@ -1,0 +1,94 @@
+"""The label-noise estimate and the gate that scales DALE's objective by it (issue 27)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from nnunetv2_dale.method.noise_estimate import NoiseEstimate, case_counts, ramp
+
+
+def _disc(radius: float, size: int = 48) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size]
+    return ((yy - size / 2) ** 2 + (xx - size / 2) ** 2 <= radius ** 2)[None]
+
+
+def _ensemble_of(truth: np.ndarray) -> np.ndarray:
+    """A blurred early-network ensemble p(foreground) of the true mask: undecided at its rim."""
+    return ndimage.gaussian_filter(truth.astype(np.float32), (0, 1.5, 1.5))[..., None].astype(np.float16)
+
+
+def test_the_rim_does_not_count_a_dilated_label_does():
+    truth = _disc(10)
+    q, visits = _ensemble_of(truth), np.full(truth.shape, 5, np.uint8)
+    clean = case_counts(q, visits, truth.astype(np.int64), 3, 2.5)
+    assert clean[0] == 0 and clean[1] == truth.sum() and clean[2] == truth.size
+    dilated = ndimage.binary_dilation(truth, ndimage.generate_binary_structure(3, 1)[1:2], iterations=5)
+    noisy = case_counts(q, visits, dilated.astype(np.int64), 3, 2.5)
+    band = dilated & ~truth  # labelled foreground the ensemble calls background
+    assert 0.1 * band.sum() < noisy[0] <= band.sum()
+    # rarely visited voxels are not known: they never count
+    assert case_counts(q, np.full(truth.shape, 2, np.uint8), dilated.astype(np.int64), 3, 2.5) == (0, 0, 0)
+    # several classes: q holds one channel per class
+    q3 = np.concatenate([1 - q.astype(np.float32), q.astype(np.float32), np.zeros_like(q, np.float32)], -1)
+    assert case_counts(q3, visits, dilated.astype(np.int64), 3, 2.5) == noisy
+
+
+def test_gate_follows_the_median_case_and_survives_a_round_trip():
+    assert ramp(0.05, 0.08, 0.14) == 0 and ramp(0.2, 0.08, 0.14) == 1 and ramp(0.11, 0.08, 0.14) == pytest.approx(0.5)
+    assert ramp(float("nan"), 0.08, 0.14) == 0
+    keys = [f"case{i}" for i in range(5)]
+    fg = np.array([100, 100, 100, 100, 0])
+    quiet = NoiseEstimate(keys, np.array([2, 4, 5, 90, 0]), fg, fg * 4, 0.08, 0.14, 2.5, epoch=3)
+    assert quiet.median_case() == pytest.approx(0.045) and quiet.gate() == 0  # one bad case does not switch it on
+    loud = NoiseEstimate(keys, np.array([20, 30, 40, 90, 0]), fg, fg * 4, 0.08, 0.14, 2.5)
+    assert loud.gate() == 1 and loud.lesion_share() == pytest.approx(0.45)
+    again = NoiseEstimate.from_dict(quiet.to_dict())
+    assert again.to_dict() == quiet.to_dict()
+    text = quiet.summary()
+    assert "case3 (90%)" in text and "stock nnU-Net" in text
+
+
+def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch):
+    """With a filled memory that doubts many labels, a closed gate (labels that look clean) gives
+    nnU-Net's own loss in the stable and the fuzzy phase, alignment included; an open gate does not."""
+    from conftest import inprocess_trainer
+
+    from nnunetv2_dale.method.rsets import Mixture
+    from nnunetv2_dale.method.schedule import FUZZY, STABLE
+
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch)
+    trainer.on_train_start()
+    rng = np.random.default_rng(0)
+    for key in trainer.memory.case_shapes:
+        q, n = trainer.memory._open(key)
+        q[:] = rng.random(q.shape).astype(np.float16)
+        n[:] = 10
+        del q, n
+    trainer.mixtures = [Mixture((0.6, 0.4), (0.2, 1.5), (0.3, 0.3), True) for _ in range(2)]
+    keys = sorted(trainer.memory.case_shapes)
+    ones = np.ones(len(keys), np.int64) * 100
+    closed = NoiseEstimate(keys, ones * 0, ones, ones, 0.08, 0.14, 2.5)
+    open_ = NoiseEstimate(keys, ones * 50, ones, ones, 0.08, 0.14, 2.5)
+    batch = next(trainer.dataloader_train)
+    data = batch["data"]
+    losses = {}
+    for name, estimate in (("open", open_), ("closed", closed)):  # the open stable phase fills the reference
+        trainer.noise_estimate = estimate
+        assert set(trainer.case_gates().values()) == {estimate.gate()}
+        for phase in (STABLE, FUZZY):
+            trainer.current_epoch = trainer.num_epochs - 1  # alignment weight at its maximum
+            trainer.alignment.active = True
+            output = trainer.network(data)
+            trainer.alignment.active = False
+            loss, _ = trainer.dale_loss(batch, output, batch["target"], phase)
+            trainer.alignment.features = None
+            losses[name, phase] = (float(loss.detach()), float(trainer.loss(output, batch["target"]).detach()))
+    for phase in (STABLE, FUZZY):
+        dale, stock = losses["closed", phase]
+        assert dale == pytest.approx(stock, rel=1e-5)
+        dale, stock = losses["open", phase]
+        assert abs(dale - stock) > 1e-3
+    assert bool(trainer.alignment.seen.any())
+    trainer.memory.close()
