@@ -34,7 +34,10 @@ def main() -> None:
     p.add_argument("--dale-trainer", default="nnUNetTrainerDALE")
     p.add_argument("--out", default=None, help="JSON result file")
     args = p.parse_args()
-    from cleanlab.segmentation.rank import get_label_quality_scores
+    try:
+        from cleanlab.segmentation.rank import get_label_quality_scores
+    except ImportError:
+        raise SystemExit("audit_vs_cleanlab.py compares against cleanlab, which is not installed: pip install cleanlab")
 
     from nnunetv2_dale.utilities.preflight import tool
     from nnunetv2_dale.data.io import reader_writer

@@ -41,6 +41,7 @@ from pathlib import Path
 SHAPES = {  # name: (dim, case shape, configuration, patch, batch)
     "3d_fullres 2x128^3": (3, (160, 256, 256), "3d_fullres", [128, 128, 128], 2),
     "2d 12x512^2": (2, (640, 640), "2d", [512, 512], 12),
+    "2d tiny (smoke test)": (2, (48, 48), "2d", [32, 32], 2),
 }
 LOADERS = {"nnUNetTrainer": ("nnUNetTrainer", ""), "DALE (warm-up)": ("nnUNetTrainerDALE", "warm-up"),
            "DALE (stable)": ("nnUNetTrainerDALE", "stable")}  # row: (trainer, DALE phase the workers see)
@@ -121,7 +122,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=8,
                    help="batches drawn before timing: more than the 6 that nnU-Net's training loader caches")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES)[:2], choices=list(SHAPES))
     p.add_argument("--json", help="write the results here")
     p.add_argument("--workdir", help="keep the phantom datasets here (default: a temporary folder)")
     p.add_argument("--same-draws", action="store_true",

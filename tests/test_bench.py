@@ -148,11 +148,23 @@ def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
     dale = next(r for r in runs.values() if r["trainer"] == "nnUNetTrainerDALE" and r["noise"] != "clean")
     assert 0.0 <= dale["noise_detection"]["auroc"] <= 1.0 and dale["noise_detection"]["known_fraction"] > 0.5
     assert next(r for r in runs.values() if r["trainer"] == "nnUNetTrainer")["trainer_class"] == "nnUNetTrainerBudget"
+    # which code produced each run: DALE's hyperparameters, their hash, the version, the noise estimate
+    from nnunetv2_dale import __version__
+    from nnunetv2_dale.bench.provenance import defaults, hyperparameter_hash
+
+    assert all(r["package_version"] == __version__ for r in runs.values())
+    assert dale["hyperparameters"] == defaults() and dale["hyperparameter_hash"] == hyperparameter_hash(defaults())
+    assert 0 <= dale["noise_estimate"]["median_case_share"] and 0 <= dale["noise_estimate"]["gate"] <= 1
+    assert "hyperparameters" not in next(r for r in runs.values() if r["trainer"] == "nnUNetTrainer")
     report = (out / "report.md").read_text()
+    assert "nnUNetTrainerDALE (today's defaults)" in report
     assert report.count("| Phantom2D |") == 8 and "Δ Dice" in report  # 4 runs: the summary and the per-seed table
     assert "| dataset | noise | trainer | seed 0 |" in report
     for fig in ("dice_vs_noise_Phantom2D.png", "examples_test_Phantom2D.png", "examples_train_Phantom2D.png"):
         assert (out / fig).stat().st_size > 1000
+    from test_benchmark_scripts import bench_folder_scripts
+
+    bench_folder_scripts(out, next(k.split("/")[0] for k, r in runs.items() if r is dale))
     # rerunning the same command neither retrains nor re-predicts finished runs
     logs = {p: p.stat().st_mtime for p in (out / "logs").iterdir()}
     preds = {p: p.stat().st_mtime for p in (out / "predictions").rglob("*.png")}
