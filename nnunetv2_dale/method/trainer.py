@@ -158,6 +158,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     use_alternation: bool = True
     use_alignment: bool = True
     dale_overrides: dict[str, object] = {}  # a variant's hyperparameters, set over the defaults in __init__
+    noise_estimate: NoiseEstimate | None = None  # how noisy the labels look (update_noise_estimate)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -178,7 +179,6 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self._frozen_snapshot: int | None = None  # a snapshot (epoch) this process wrote or restored after the horizon
         self._best_without_buffers = False  # said in the log once
         self._skipped_steps = 0
-        self.noise_estimate: NoiseEstimate | None = None
         self.logger.local_logger = DALELocalLogger()
         self.print_to_log_file(
             f"{self.__class__.__name__} (nnunetv2-dale {__version__}): DALE objective (confidence "
