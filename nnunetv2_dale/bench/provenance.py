@@ -15,6 +15,11 @@ NOT_RESULTS = {"dale_picture_every", "dale_background_writes", "dale_worker_read
                "dale_overrides"}
 
 
+def dale_hyperparameters(attributes: dict) -> dict:
+    """The ``dale_*`` attributes that change what a run computes."""
+    return {k: v for k, v in attributes.items() if k.startswith("dale_") and k not in NOT_RESULTS}
+
+
 def hyperparameter_hash(hp: dict) -> str:
     return hashlib.sha1(json.dumps(hp, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -26,7 +31,7 @@ def defaults() -> dict:
     bare = nnUNetTrainerDALE.__new__(nnUNetTrainerDALE)
     bare.set_dale_hyperparameters()
     # as nnU-Net writes them to debug.json: every value as str()
-    return {k: str(v) for k, v in vars(bare).items() if k.startswith("dale_") and k not in NOT_RESULTS}
+    return {k: str(v) for k, v in dale_hyperparameters(vars(bare)).items()}
 
 
 def run_provenance(fold: Path) -> dict:
@@ -34,7 +39,7 @@ def run_provenance(fold: Path) -> dict:
     out: dict = {"package_version": __version__}
     debug = fold / "debug.json"
     if debug.is_file():
-        hp = {k: v for k, v in json.loads(debug.read_text()).items() if k.startswith("dale_") and k not in NOT_RESULTS}
+        hp = dale_hyperparameters(json.loads(debug.read_text()))
         if hp:
             out.update(hyperparameters=hp, hyperparameter_hash=hyperparameter_hash(hp))
     estimate = fold / "dale_noise_estimate.json"

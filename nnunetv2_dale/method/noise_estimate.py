@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from nnunetv2_dale.method.rsets import agreement_with_label
 
 CONTRADICTED = 0.5  # q[y] below this: the temporal ensemble prefers another class than the label
 ESTIMATE_FILE = "dale_noise_estimate.json"
@@ -31,14 +34,13 @@ def case_counts(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, min_visit
     voxels, known voxels) of one case; arrays shaped like the case (``q`` with a trailing channel
     axis: p(foreground) for one channel, else one per class)."""
     lab = labels.astype(np.int64)
-    if q.shape[-1] == 1:
-        agreement = np.where(lab == 1, q[..., 0], 1 - q[..., 0])
-    else:
-        agreement = np.take_along_axis(q, np.clip(lab, 0, q.shape[-1] - 1)[..., None], -1)[..., 0]
+    flat_q = torch.from_numpy(q.reshape(-1, q.shape[-1]).astype(np.float32))
+    agreement = agreement_with_label(flat_q, torch.from_numpy(lab.reshape(-1)), max(q.shape[-1], 2))
+    agreement = agreement.numpy().reshape(lab.shape)
     known = (visits >= min_visits) & (lab >= 0) & (lab < max(q.shape[-1], 2))
     change = ndimage.maximum_filter(lab, size=3, mode="nearest") != ndimage.minimum_filter(lab, size=3, mode="nearest")
     far = ndimage.distance_transform_edt(~change) >= margin if change.any() else np.ones(lab.shape, bool)
-    contradicted = known & far & (agreement.astype(np.float32) < CONTRADICTED)
+    contradicted = known & far & (agreement < CONTRADICTED)
     return int(contradicted.sum()), int((known & (lab > 0)).sum()), int(known.sum())
 
 

@@ -211,8 +211,7 @@ class FuzzySampler(SettingsFile):
     def propose(self, key: str, seg: np.ndarray, rng: np.random.Generator) -> tuple[int, ...] | None:
         """A (z, y, x) centre for a fuzzy-biased patch of case ``key``, or None (use nnU-Net's)."""
         s = self.settings()
-        gates = s.get("gates")  # the trainer's per-case noise gates (absent: every case fully)
-        gate = 1.0 if gates is None else gates.get(key, 0.0)
+        gate = s.get("gate", 1.0)  # the trainer's noise gate (absent: fully)
         if s.get("phase") != "fuzzy" or rng.random() >= s.get("share", 0.0) * gate or not self._mixtures:
             return None
         shape = seg.shape[1:]

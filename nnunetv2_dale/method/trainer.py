@@ -76,7 +76,6 @@ class RSetMaps(NamedTuple):
     onehot: torch.Tensor
     ensemble: torch.Tensor
     known: torch.Tensor
-    gate_share: torch.Tensor  # () the batch's gated over ungated fuzzy mass (1 without the gate)
 
 
 class nnUNetTrainerDALE(nnUNetTrainerBudget):
@@ -270,7 +269,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             write_json_atomic(self.memory_folder / SAMPLING_FILE, {
                 "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
                 "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures],
-                "gates": self.case_gates()})
+                "gate": self.noise_gate()})
 
     def _build_memory(self) -> ConfidenceMemory:
         dataset_tr, _ = self.get_tr_and_val_datasets()
@@ -380,7 +379,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
         targets = target if isinstance(target, list) else [target]
-        omega, reliable, fuzzy, soft, onehot, ensemble, known, gate_share = self.rset_maps(batch)
+        omega, reliable, fuzzy, soft, onehot, ensemble, known = self.rset_maps(batch)
         ds = len(targets) > 1
         if self.dale_confidence_floor > 0:
             omega = self.dale_confidence_floor + (1 - self.dale_confidence_floor) * omega
@@ -426,7 +425,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                     shares = mass_share(*per_class)
                     terms.update({f"align_share_{k}": v for k, v in enumerate(shares)})
                 align = self.alignment.loss(self.alignment.features, members, shares)
-                loss = loss + lam * gate_share * align
+                # g on omega alone would not weaken the alignment: it compares weighted means
+                loss = loss + lam * self.noise_gate() * align
                 terms["align_loss"] = align.detach()
         if self.dale_consistency_weight > 0:
             logits = output[0] if isinstance(output, (list, tuple)) else output
@@ -473,13 +473,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         known = valid & (visits >= self.dale_min_visits)
         omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
                              for b, (key, index) in enumerate(zip(keys, indices))])
-        gate_share = torch.ones((), device=dev)
-        if self.dale_noise_gate:  # a case that looks clean keeps its labels: omega -> 1 - g (1 - omega)
-            gates = self.case_gates()
-            g = torch.tensor([gates.get(key, 0.0) for key in keys], dtype=omega.dtype).to(dev, non_blocking=True)
-            doubt = (1 - omega).sum(1)
-            gate_share = (g * doubt).sum() / doubt.sum().clamp_min(1e-6)
-            omega = 1 - g[:, None] * (1 - omega)
+        if self.dale_noise_gate:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
+            omega = 1 - self.noise_gate() * (1 - omega)
         flat_q = q.reshape(-1, channels)
         entropy = torch.where(known.reshape(-1), entropy_signal(flat_q), torch.zeros((), device=dev))
         qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
@@ -502,16 +497,14 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
             counted = (labels_dev != ignore).float()
             reliable, fuzzy = reliable * counted, fuzzy * counted
-        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known, gate_share)
+        return RSetMaps(omega, reliable, fuzzy, soft, onehot, q_full, known)
 
-    def case_gates(self) -> dict[str, float]:
-        """Each training case's gate: the dataset's (``noise_estimate``), 0 for every case (stock
-        nnU-Net) before the first estimate; 1 for every case without the gate."""
-        keys = self.memory.case_shapes if self.memory is not None else {}
+    def noise_gate(self) -> float:
+        """How far DALE's objective acts: the estimate's gate (``noise_estimate``), 0 (stock nnU-Net)
+        before the first estimate; 1 without the gate."""
         if not self.dale_noise_gate:
-            return {k: 1.0 for k in keys}
-        g = self.noise_estimate.gate() if self.noise_estimate is not None else 0.0
-        return {k: g for k in keys}
+            return 1.0
+        return self.noise_estimate.gate() if self.noise_estimate is not None else 0.0
 
     def update_noise_estimate(self) -> None:
         """Estimate the label noise from the whole memory (one pass over the buffers and the
@@ -673,8 +666,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             self.update_noise_estimate()
         est = self.noise_estimate
         self.logger.log("dale_noise_estimate", est.median_case() if est else float("nan"), self.current_epoch)
-        self.logger.log("dale_gate", (est.gate() if self.dale_noise_gate else 1.0) if est else float("nan"),
-                        self.current_epoch)
+        self.logger.log("dale_gate", self.noise_gate() if est else float("nan"), self.current_epoch)
         fitted = [f"class {c}: clean l~N({m.means[0]:.2f},{m.stds[0]:.2f}) w={m.weights[0]:.2f}, noisy "
                   f"l~N({m.means[1]:.2f},{m.stds[1]:.2f})" if m.fitted else f"class {c}: one population (omega=1)"
                   for c, m in enumerate(self.mixtures)]
