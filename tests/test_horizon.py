@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, slope_drop, update_saturation
 from nnunetv2_dale.method.schedule import STABLE, WARMUP
@@ -43,22 +44,28 @@ def test_every_class_must_saturate_and_a_saturated_class_stays_saturated():
     assert replay_saturation(curves) == seen[frozen_from(seen[-1]) - 1]
 
 
-def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
+@pytest.mark.parametrize("visits_per_epoch", [None, 5.0, 0.6])
+def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path, visits_per_epoch):
     """The trainer's per-epoch update (``_update_curve_horizon``, reading nnU-Net's own logger) and
     the replay of ``load_checkpoint`` from the logger's checkpoint agree at every epoch a checkpoint
-    could have been written, and the fixed share stays an upper limit. (A real training reaches
-    saturation only after several epochs of real data: the benchmark runs exercise that.)"""
+    could have been written, and the fixed share stays an upper limit. The memory waits for its
+    average visit count (``dale_horizon_min_visits``): 5 visits per epoch are mature before the curve
+    saturates, 0.6 only after epoch 17; a log without visits (written before they were logged)
+    freezes on the curve alone. (A real training reaches saturation only after several epochs of
+    real data: the benchmark runs exercise that.)"""
     from nnunetv2.training.logging.nnunet_logger import MetaLogger
 
     from nnunetv2_dale.method.progress import DALELocalLogger
 
     def trainer_state(logger):
         t = SimpleNamespace(dale_horizon_from_curve=True, dale_horizon_slope_drop=0.9, dale_memory_horizon=0.3,
+                            dale_horizon_min_visits=10.0,
                             num_epochs=100, _curve_horizon=None, _curve_saturation=[], current_epoch=0,
                             dale_warmup_fraction=0.1, dale_phase_period=1, dale_use_alternation=True,
                             logger=logger, print_to_log_file=lambda *a, **k: None)
         t.memory_frozen = lambda epoch=None: nnUNetTrainerDALE.memory_frozen(t, epoch)
         t._fixed_horizon = lambda: nnUNetTrainerDALE._fixed_horizon(t)
+        t._mature_from = lambda epochs: nnUNetTrainerDALE._mature_from(t, epochs)
         return t
 
     def new_logger():
@@ -74,6 +81,8 @@ def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
         frozen = trainer.memory_frozen()
         frozen_at = epoch if frozen and frozen_at is None else frozen_at
         trainer.logger.log("dale_mean_confidence", [float("nan")] * 2 if frozen else curves[epoch], epoch)
+        if visits_per_epoch is not None:  # cumulative, as on_train_epoch_end logs it
+            trainer.logger.log("dale_visits_per_voxel", visits_per_epoch * (epoch + 1), epoch)
         nnUNetTrainerDALE._update_curve_horizon(trainer)
         resumed = trainer_state(new_logger())  # --c from a checkpoint written after this epoch
         resumed.logger.load_checkpoint(trainer.logger.get_checkpoint())
@@ -81,6 +90,8 @@ def test_trainer_freezes_at_the_curve_and_resume_replays_it(tmp_path):
         nnUNetTrainerDALE._replay_curve_horizon(resumed)
         assert (resumed._curve_horizon, resumed._curve_saturation) == (trainer._curve_horizon, trainer._curve_saturation)
     assert frozen_at is not None and 3 <= frozen_at < 30 and frozen_at == trainer._curve_horizon
+    saturated = frozen_from(trainer._curve_saturation)
+    assert frozen_at == (17 if visits_per_epoch == 0.6 else saturated) and saturated < 17
     assert nnUNetTrainerDALE.memory_frozen(trainer, frozen_at) and not nnUNetTrainerDALE.memory_frozen(trainer, frozen_at - 1)
     # DALE's objective starts when the memory freezes, if that comes before the fixed warm-up (10 epochs)
     trainer.warmup_end = lambda: nnUNetTrainerDALE.warmup_end(trainer)

@@ -34,6 +34,23 @@ def test_the_rim_does_not_count_a_dilated_label_does():
     assert case_counts(q3, visits, dilated.astype(np.int64), 3, 2.5) == noisy
 
 
+def test_the_rim_grows_with_the_lesion_so_the_estimate_does_not_depend_on_the_resolution():
+    """One geometry at two resolutions (a lesion of radius R, its label drawn at 1.4 R, an ensemble
+    blurred by 1.5 voxels at both): with the rim a share of the lesion's mean depth both read the
+    same share; with a fixed rim of 2.5 voxels the finer one reads much noisier (128x128 DDTI)."""
+    shares = {}
+    for radius, size in ((16, 64), (32, 128)):
+        truth = _disc(radius, size)
+        label = _disc(1.4 * radius, size).astype(np.int64)
+        q, visits = _ensemble_of(truth), np.full(truth.shape, 5, np.uint8)
+        for depth_share in (0.0, 0.6):
+            contradicted, fg, _ = case_counts(q, visits, label, 3, 2.5, depth_share)
+            shares[radius, depth_share] = contradicted / fg
+            assert case_counts(q, visits, truth.astype(np.int64), 3, 2.5, depth_share)[0] == 0  # clean: nothing
+    assert shares[16, 0.6] == pytest.approx(shares[32, 0.6], abs=0.01) and shares[32, 0.6] > 0.05
+    assert shares[32, 0.0] - shares[16, 0.0] > 0.1
+
+
 def test_gate_follows_the_median_case_and_survives_a_round_trip():
     assert ramp(0.05, 0.08, 0.14) == 0 and ramp(0.2, 0.08, 0.14) == 1 and ramp(0.11, 0.08, 0.14) == pytest.approx(0.5)
     assert ramp(float("nan"), 0.08, 0.14) == 0

@@ -9,6 +9,12 @@ slope at the first epoch, |f'(1) - f'(t)| / |f'(1)| > r. Here the curve is the m
 label confidence per class (q[y] over the voxels updated in an epoch, identical on every DDP rank),
 and the memory freezes when every class is fitted. A pure function of the logged curve, so ``--c``
 replays it.
+
+The curve is read per epoch, but the ensemble matures per visit: on 64x64 DDTI (a patch covers the
+image, ~5 visits per voxel per epoch) it had ~20 visits per voxel when the curve saturated, on
+128x128 DDTI (~1 visit per epoch) 3, so the first, barely trained predictions still weighed a
+third of it. The memory therefore also waits until its voxels were visited ``min_visits`` times on
+average (:func:`mature_from`).
 """
 from __future__ import annotations
 
@@ -78,6 +84,16 @@ def replay_saturation(curves: Sequence[Sequence[float]], drop: float = 0.9) -> l
     return saturated
 
 
-def frozen_from(saturated: list[int | None]) -> int | None:
-    """The epoch from which the memory is frozen: when the last class saturated (None: not yet)."""
-    return max(saturated) if saturated and all(s is not None for s in saturated) else None  # type: ignore[type-var]
+def mature_from(visits: Sequence[float], min_visits: float) -> int | None:
+    """The epoch count after which the memory's voxels were visited ``min_visits`` times on average
+    (``visits``: per epoch so far, the patch-voxel updates per voxel since the start); None: not yet."""
+    reached = np.flatnonzero(np.asarray(visits, dtype=float) >= min_visits)
+    return int(reached[0]) + 1 if reached.size else None
+
+
+def frozen_from(saturated: list[int | None], mature: int | None = 0) -> int | None:
+    """The epoch from which the memory is frozen: when the last class saturated and the memory was
+    mature (:func:`mature_from`; None: not yet)."""
+    if not saturated or any(s is None for s in saturated) or mature is None:
+        return None
+    return max(max(saturated), mature)  # type: ignore[type-var]

@@ -194,6 +194,7 @@ class ConfidenceMemory:
         self.ema_min_weight = ema_min_weight
         self.total_voxels = int(sum(np.prod(s) for s in self.case_shapes.values()))
         self.visited_voxels = 0
+        self.epoch_visits = 0.0  # patch-voxel updates of the last finished epoch, per countable voxel
         self.stats = EpochStats(num_classes)
         self._snapshot_written: int | None = None
         self.snapshot_linked = 0
@@ -394,6 +395,7 @@ class ConfidenceMemory:
             torch.distributed.all_reduce(packed)
         sums, counts = packed[2:2 + k], packed[2 + k:2 + 2 * k]
         self.visited_voxels += int(packed[0])
+        self.epoch_visits = float(counts.sum()) / max(self.total_voxels, 1)
         confidence = [float(s / c) if c > 0 else float("nan") for s, c in zip(sums, counts)]
         hist = packed[2 + 2 * k:].numpy().reshape(k, N_BINS)
         return self.visited_voxels / max(self.total_voxels, 1), confidence, int(packed[1]), hist

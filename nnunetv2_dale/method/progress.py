@@ -14,7 +14,7 @@ import numpy as np
 from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 DALE_KEYS = ("dale_visited_fraction", "dale_mean_confidence", "dale_phase", "dale_reliable_fraction",
-             "dale_fuzzy_fraction", "dale_align_loss", "dale_noise_estimate", "dale_gate")
+             "dale_fuzzy_fraction", "dale_align_loss", "dale_noise_estimate", "dale_gate", "dale_visits_per_voxel")
 
 
 class DALELocalLogger(LocalLogger):

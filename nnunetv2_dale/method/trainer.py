@@ -34,7 +34,7 @@ from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_
                                         loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.noise_estimate import ESTIMATE_FILE, NoiseEstimate, case_counts
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
-from nnunetv2_dale.method.horizon import frozen_from, replay_saturation, update_saturation
+from nnunetv2_dale.method.horizon import frozen_from, mature_from, replay_saturation, update_saturation
 from nnunetv2_dale.method.schedule import (FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight,
                                            phase_of_epoch, warmup_epochs)
 from nnunetv2_dale.method.memory import (MANIFEST, ConfidenceMemory, MemoryMismatchError, PatchUpdate, scatter_patch,
@@ -121,6 +121,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       ``dale_horizon_slope_drop`` 0.9), and DALE's objective starts then if the warm-up has not
       ended yet; the share above is then only the latest. False (the fixed share alone) was the
       default before; ``nnUNetTrainerDALE_fixedHorizon``. docs/method.md 7.4-7.5.
+    - ``dale_horizon_min_visits`` (10): the curve freezes the memory only once its voxels were
+      visited that many times on average (``dale_visits_per_voxel`` in the log), two time
+      constants of the ensemble's 0.2 floor, so that its first, barely trained predictions no
+      longer weigh much (0 was the default before; ``nnUNetTrainerDALE_v02``). docs/method.md 7.14.
     - ``dale_align_agreement`` (False): align a fuzzy voxel's features only where the network's
       current prediction already agrees with the collaborative target's class (a co-teaching-style
       agreement between the network and the early ensemble against the label): the alignment then
@@ -136,11 +140,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       the default before (``nnUNetTrainerDALE_curveHorizon``). docs/method.md 7.5-7.6.
     - ``dale_noise_gate`` (True): DALE's objective acts as far as the labels look noisy
       (``noise_estimate.py``): omega -> 1 - g (1 - omega), the alignment weight and the fuzzy
-      sampling share times g, where the gate g rises from 0 at ``dale_gate_low`` (0.08) to 1 at
-      ``dale_gate_high`` (0.14) of the median case's share of labelled lesion area that the early
-      ensemble contradicts at least ``dale_gate_margin`` (2.5) voxels from a label change; on labels
-      that look clean DALE trains as stock nnU-Net. False: the defaults before the gate
-      (``nnUNetTrainerDALE_ungated``). docs/method.md 7.13.
+      sampling share times g, where the gate g rises from 0 at ``dale_gate_low`` (0.06) to 1 at
+      ``dale_gate_high`` (0.10) of the median case's share of labelled lesion area that the early
+      ensemble contradicts at least ``dale_gate_margin`` (2.5) voxels and ``dale_gate_depth_share``
+      (0.6) times the lesion's mean depth from a label change; on labels that look clean DALE trains
+      as stock nnU-Net. False: the defaults before the gate (``nnUNetTrainerDALE_ungated``); 0.2.0's
+      rim (2.5 voxels alone, gate 0.08-0.14): ``nnUNetTrainerDALE_v02``. docs/method.md 7.13-7.14.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -207,6 +212,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_memory_horizon = 0.3
         self.dale_horizon_from_curve = True
         self.dale_horizon_slope_drop = 0.9
+        self.dale_horizon_min_visits = 10.0
         self.dale_background_writes = True
         self.dale_worker_reads = True
         self.dale_boundary_margin = 0
@@ -216,9 +222,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_align_mass = False
         self.dale_agreement_weights = False
         self.dale_noise_gate = True
-        self.dale_gate_low = 0.08
-        self.dale_gate_high = 0.14
+        self.dale_gate_low = 0.06
+        self.dale_gate_high = 0.10
         self.dale_gate_margin = 2.5
+        self.dale_gate_depth_share = 0.6
         self.dale_estimate_every = 10
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
@@ -516,9 +523,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         for i, key in enumerate(keys):
             q, n = self.memory.case_arrays(key)
             seg = np.asarray(dataset_tr.load_case(key)[1][0])
-            counts[i] = case_counts(q, n, seg, self.dale_min_visits, self.dale_gate_margin)
+            counts[i] = case_counts(q, n, seg, self.dale_min_visits, self.dale_gate_margin, self.dale_gate_depth_share)
         self.noise_estimate = NoiseEstimate(keys, counts[:, 0], counts[:, 1], counts[:, 2], self.dale_gate_low,
-                                            self.dale_gate_high, self.dale_gate_margin, self.current_epoch)
+                                            self.dale_gate_high, self.dale_gate_margin, self.current_epoch,
+                                            self.dale_gate_depth_share)
         if self.local_rank == 0:
             write_json_atomic(Path(self.output_folder) / ESTIMATE_FILE, self.noise_estimate.to_dict())
         self.print_to_log_file("DALE noise estimate: " + self.noise_estimate.summary())
@@ -574,11 +582,20 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             return
         curves = self.logger.get_value("dale_mean_confidence", step=None)[:self.current_epoch + 1]
         self._curve_saturation = update_saturation(self._curve_saturation, curves, self.dale_horizon_slope_drop)
-        self._curve_horizon = frozen_from(self._curve_saturation)
+        self._curve_horizon = frozen_from(self._curve_saturation, self._mature_from(len(curves)))
         if self._curve_horizon is not None:
             self.print_to_log_file(
-                f"DALE: every class's label-confidence curve has saturated (epochs {self._curve_saturation}): "
-                f"the memory is frozen from epoch {self._curve_horizon} on (fixed limit: {self._fixed_horizon()})")
+                f"DALE: every class's label-confidence curve has saturated (epochs {self._curve_saturation}) and "
+                f"the memory's voxels were visited {self.dale_horizon_min_visits:g} times on average (after epoch "
+                f"{self._mature_from(len(curves))}): the memory is frozen from epoch {self._curve_horizon} on "
+                f"(fixed limit: {self._fixed_horizon()})")
+
+    def _mature_from(self, epochs: int) -> int | None:
+        """The epoch count after which the memory was visited ``dale_horizon_min_visits`` times per
+        voxel on average, from the logged visits of the first ``epochs`` epochs (0 for a log
+        written before the visits were logged: such a run froze on the curve alone)."""
+        visits = self.logger.get_value("dale_visits_per_voxel", step=None)[:epochs]
+        return mature_from(visits, self.dale_horizon_min_visits) if len(visits) == epochs else 0
 
     def _fixed_horizon(self) -> int:
         """The epoch ``dale_memory_horizon`` of the training: the latest the memory freezes."""
@@ -657,6 +674,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         phase = self.phase()
         self.logger.log("dale_visited_fraction", visited, self.current_epoch)
         self.logger.log("dale_mean_confidence", confidence, self.current_epoch)
+        before = self.logger.get_value("dale_visits_per_voxel", step=None)[:self.current_epoch]
+        self.logger.log("dale_visits_per_voxel", (before[-1] if before else 0.0) + self.memory.epoch_visits,
+                        self.current_epoch)
         self.logger.log("dale_phase", PHASE_CODES[phase], self.current_epoch)
         self.logger.log("dale_reliable_fraction", terms.get("reliable_fraction", float("nan")), self.current_epoch)
         self.logger.log("dale_fuzzy_fraction", terms.get("fuzzy_fraction", float("nan")), self.current_epoch)
@@ -793,4 +813,4 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if self.dale_horizon_from_curve:
             curves = self.logger.get_value("dale_mean_confidence", step=None)[:self.current_epoch]
             self._curve_saturation = replay_saturation(curves, self.dale_horizon_slope_drop)
-            self._curve_horizon = frozen_from(self._curve_saturation)
+            self._curve_horizon = frozen_from(self._curve_saturation, self._mature_from(len(curves)))

@@ -7,8 +7,10 @@ from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 # froze after a fixed share of the epochs; the alignment's reliable reference was omega (1 - ER)):
 # they keep those, so that their benchmark records stay reproducible under their names. The
 # ablations (use_* switched off) follow the defaults.
-# Every tuning variant also keeps the objective ungated (issue 27's noise gate came after them).
-UNGATED = {"dale_noise_gate": False}
+# Every tuning variant also keeps the objective ungated and the memory free to freeze before it is
+# mature (issue 27's noise gate and visit count came after them).
+EARLY_FREEZE = {"dale_horizon_min_visits": 0.0}
+UNGATED = {"dale_noise_gate": False, **EARLY_FREEZE}
 FIXED_HORIZON = {"dale_horizon_from_curve": False, "dale_reliable_certain": True, **UNGATED}
 
 
@@ -228,6 +230,15 @@ class nnUNetTrainerDALE_massAlign(nnUNetTrainerDALE):
 
 class nnUNetTrainerDALE_ungated(nnUNetTrainerDALE):
     """The defaults before the noise gate (issue 27): DALE's objective acts on every case alike,
-    however clean its labels look (the estimate is still logged). The ``_wideReference`` records
-    of benchmarks/ddti_fast are these hyperparameters."""
+    however clean its labels look (the estimate is still logged), and the curve may freeze an
+    immature memory. The ``_wideReference`` records of benchmarks/ddti_fast are these
+    hyperparameters."""
     dale_overrides = UNGATED
+
+
+class nnUNetTrainerDALE_v02(nnUNetTrainerDALE):
+    """The defaults of 0.2.0: the curve alone freezes the memory, however few times its voxels were
+    visited (on 128x128 DDTI at epoch 4: 3 visits per voxel), and the estimate's rim is 2.5 voxels
+    whatever the lesion's size (gate 0.08-0.14); both read clean 128x128 DDTI labels as noisy. The
+    0.2.0 records of benchmarks/ddti_fast and phantoms_defaults are these hyperparameters."""
+    dale_overrides = {**EARLY_FREEZE, "dale_gate_depth_share": 0.0, "dale_gate_low": 0.08, "dale_gate_high": 0.14}
