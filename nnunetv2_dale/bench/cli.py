@@ -173,8 +173,12 @@ def train_with_progress(cmd: list[str], env: dict, log: Path, label: str, epochs
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
         shown = -1
-        while proc.poll() is None:
-            time.sleep(5)
+        while True:
+            try:
+                proc.wait(timeout=5)  # returns as soon as the training ends (a test waits for many)
+                break
+            except subprocess.TimeoutExpired:
+                pass
             text = log.read_text(errors="replace")
             ep = re.findall(r"Epoch (\d+)\n", text)
             dice = re.findall(r"Pseudo dice \[(?:np\.float32\()?([0-9.]+)", text)
