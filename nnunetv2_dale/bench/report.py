@@ -17,6 +17,12 @@ import numpy as np
 from nnunetv2_dale.data.io import view_slice
 
 BASELINE = "nnUNetTrainer"
+BASELINES = (BASELINE, "nnUNetTrainerBudget")  # what `-tr nnUNetTrainer` runs; either name is recorded
+
+
+def _baseline(by_trainer: dict) -> dict:
+    """{seed: record} of the stock nnU-Net runs, under whichever name they were asked for."""
+    return next((by_trainer[t] for t in BASELINES if t in by_trainer), {})
 
 
 def _stats(values: list[float]) -> tuple[float, float, int]:
@@ -64,9 +70,9 @@ def table(results: dict) -> str:
     lines = ["| dataset | noise (changed share of fg) | trainer | Dice | band Dice | HD95 (mm) | Δ Dice vs "
              "baseline | gap recovered | noise AUROC | train min |", "|" + "---|" * 10]
     for dataset, by_noise in groups.items():
-        clean_base = _stats([r["metrics"]["dice"] for r in by_noise.get("clean", {}).get(BASELINE, {}).values()])[0]
+        clean_base = _stats([r["metrics"]["dice"] for r in _baseline(by_noise.get("clean", {})).values()])[0]
         for noise, by_trainer in by_noise.items():
-            base = by_trainer.get(BASELINE, {})
+            base = _baseline(by_trainer)
             for trainer, by_seed in by_trainer.items():
                 recs = list(by_seed.values())
                 changed = np.mean([r["noise_info"]["mean_changed_fraction"] for r in recs])
@@ -74,10 +80,10 @@ def table(results: dict) -> str:
                 band = _stats([r["metrics"]["band_dice"] for r in recs])
                 hd = _stats([r["metrics"]["hd95"] for r in recs])
                 paired = [r["metrics"]["dice"] - base[s]["metrics"]["dice"] for s, r in by_seed.items() if s in base]
-                delta = _stats(paired) if trainer != BASELINE else (float("nan"), float("nan"), 0)
+                delta = _stats(paired) if trainer not in BASELINES else (float("nan"), float("nan"), 0)
                 base_dice = _stats([r["metrics"]["dice"] for r in base.values()])[0]
                 gap = clean_base - base_dice
-                recovered = (f"{(dice[0] - base_dice) / gap:+.0%}" if trainer != BASELINE and noise != "clean"
+                recovered = (f"{(dice[0] - base_dice) / gap:+.0%}" if trainer not in BASELINES and noise != "clean"
                              and np.isfinite(gap) and gap > 0.005 else "-")
                 auc = _stats([r.get("noise_detection", {}).get("auroc") for r in recs])
                 minutes = _stats([r["train_seconds"] / 60 for r in recs if "train_seconds" in r])
