@@ -16,6 +16,32 @@ from nnunetv2_dale.utilities.preflight import tool  # noqa: F401 - the tests imp
 SHARED_DDTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset601_DDTI"
 
 
+# Seconds the slowest tests take alone on 2 cores (serial, --durations): only the order in which
+# pytest-xdist hands tests to its workers, longest first, so that no long test starts last.
+SLOWEST = {
+    "test_bench.py::test_bench_command_end_to_end_and_rerun_skips_training": 340,
+    "test_settings.py::test_3d_lowres_and_cascade": 200,
+    "test_crash_safety.py::test_random_kills_while_the_writer_is_busy_leave_a_resumable_fold": 160,
+    "test_e2e_cli.py::test_demo_command_small": 150,
+    "test_audit.py::test_audit_ranks_corrupted_cases_first_2d": 140,
+    "test_crash_safety.py::test_kills_at_every_write_leave_a_resumable_fold": 130,
+    "test_e2e_cli.py::test_2d_train_kill_continue_val_predict_find_best": 100,
+    "test_audit.py::test_audit_multiclass_3d_running_fold_exact_geometry": 80,
+    "test_benchmark_scripts.py::test_loader_and_epoch_cost_smallest": 70,
+    "test_registration.py::test_pip_install_in_fresh_environment": 60,
+    "test_real_data.py::test_ddti_subset_trains_and_validates": 60,
+    "test_settings.py::test_multichannel_multiclass_ignore_label": 50,
+    "test_e2e_cli.py::test_3d_fullres_train_and_predict_geometry": 45,
+    "test_crash_safety.py::test_full_disk_during_checkpoint_is_refused_clearly_and_resumable": 40,
+    "test_peers.py::test_peer_trains_through_cli_and_predicts_with_stock_nnunet": 30,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest tests first (stable: the rest keep pytest's order)."""
+    items.sort(key=lambda item: -SLOWEST.get(item.nodeid.split("[")[0].removeprefix("tests/"), 0))
+
+
 def clean_env(**paths: os.PathLike | str) -> dict[str, str]:
     """A NEW-shell-like environment: PATH/HOME/locale only, plus the given variables.
 

@@ -3,8 +3,9 @@ of ``nnUNetv2_dale_bench`` (plan/preprocess, train two trainers, predict, score,
 from __future__ import annotations
 
 import hashlib
-import shutil
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,19 @@ def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
     assert again.stdout.count("already scored") == 4
     assert {p: p.stat().st_mtime for p in (out / "logs").iterdir()} == logs
     assert {p: p.stat().st_mtime for p in (out / "predictions").rglob("*.png")} == preds and preds
+    # the oracle's noise masks, built in preprocessed geometry, cover as many voxels of the fold's
+    # training cases as the benchmark's raw noiseTr masks do (same folder: its data are planned)
+    oracle = run([*cmd[:cmd.index("--noise")], "--noise", "alphabeta:alpha=1,beta=0.5", "-tr",
+                  "nnUNetTrainerOracleIgnore", *cmd[cmd.index("--epochs"):]], env, timeout=600)
+    assert oracle.stdout.count("already scored") == 0
+    raw = next((out / "nnUNet_raw").glob("Dataset*aba*"))
+    train = json.loads((out / "nnUNet_preprocessed" / raw.name / "splits_final.json").read_text())[0]["train"]
+    masks = [np.array(Image.open(raw / "noiseTr" / f"{k}.png")) > 0 for k in train]
+    expected = sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
+    log = next((out / "nnUNet_results" / raw.name).glob("nnUNetTrainerOracleIgnore__*/fold_0/training_log_*.txt"))
+    found = re.search(r"Oracle: noise masks of (\d+) cases, ([0-9.]+)% of voxels changed", log.read_text())
+    assert found and int(found.group(1)) == len(train)
+    assert expected > 0.02 and float(found.group(2)) / 100 == pytest.approx(expected, abs=6e-5)
 
 
 def test_subset_is_deterministic_resized_and_never_touches_the_source(tmp_path):
@@ -199,19 +213,16 @@ def test_subset_is_deterministic_resized_and_never_touches_the_source(tmp_path):
         derive_subset(nifti, tmp_path / "Dataset006_M", None, 4)
 
 
-def test_oracle_trainer_knows_exactly_the_changed_training_voxels(tmp_path):
-    """The oracle's noise masks, built in preprocessed geometry, cover as many voxels of the fold's
-    training cases as the benchmark's raw noiseTr masks do."""
-    import re
+def test_report_pairs_runs_with_the_baseline_under_either_name():
+    """`-tr nnUNetTrainer` and `-tr nnUNetTrainerBudget` run the same stock trainer: either is the baseline."""
+    from nnunetv2_dale.bench.report import table
 
-    out = tmp_path / "bench"
-    run([tool("nnUNetv2_dale_bench"), "-s", "phantoms:2:32:10", "-o", str(out), "--noise", "alphabeta:alpha=1,beta=0.5",
-         "-tr", "nnUNetTrainerOracleIgnore", "--epochs", "1", "--iters", "2"], clean_env(), timeout=900)
-    raw = next((out / "nnUNet_raw").glob("Dataset*"))
-    train = json.loads((out / "nnUNet_preprocessed" / raw.name / "splits_final.json").read_text())[0]["train"]
-    masks = [np.array(Image.open(raw / "noiseTr" / f"{k}.png")) > 0 for k in train]
-    expected = sum(int(m.sum()) for m in masks) / sum(m.size for m in masks)
-    log = next((out / "nnUNet_results").rglob("training_log_*.txt")).read_text()
-    found = re.search(r"Oracle: noise masks of (\d+) cases, ([0-9.]+)% of voxels changed", log)
-    assert found and int(found.group(1)) == len(train)
-    assert expected > 0.02 and float(found.group(2)) / 100 == pytest.approx(expected, abs=6e-5)
+    def rec(trainer, noise, dice):
+        return {"dataset": "D", "noise": noise, "trainer": trainer, "seed": 0, "noise_info": {"mean_changed_fraction": 0.0},
+                "metrics": {"dice": dice, "band_dice": dice, "hd95": 1.0}}
+
+    for baseline in ("nnUNetTrainer", "nnUNetTrainerBudget"):
+        runs = {f"{t}{n}": rec(t, n, d) for t, n, d in ((baseline, "clean", 0.9), (baseline, "noisy", 0.7),
+                                                        ("nnUNetTrainerDALE", "noisy", 0.75))}
+        row = next(line for line in table({"runs": runs}).splitlines() if "| noisy" in line and "DALE" in line)
+        assert "| 0.0500 | +25% |" in row, row

@@ -86,7 +86,7 @@ def assert_consistent(fold: Path, note: str) -> dict[str, int]:
     return found
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: tests run longest first, not module by module
 def crash_tree(tmp_path_factory):
     tree = NNUNetTree(tmp_path_factory.mktemp("crash"))
     make_phantom_dataset(tree.raw / "Dataset989_Crash", dim=2, size=32, num_train=6, num_test=1,

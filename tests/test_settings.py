@@ -47,7 +47,7 @@ def _multilabel_2d(folder: Path, n_train: int = 8, n_test: int = 2, size: int = 
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: tests run longest first, not module by module
 def multilabel2d(tmp_path_factory):
     """The 2-channel, 3-class, ignore-label dataset, planned with nnU-Net's default and ResEnc-M planners."""
     tree = NNUNetTree(tmp_path_factory.mktemp("multilabel"))
