@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from nnunetv2_dale.bench.cli import BASELINE_ALIAS
 from nnunetv2_dale.data.io import view_slice
 
 BASELINE = "nnUNetTrainer"
-BASELINES = (BASELINE, "nnUNetTrainerBudget")  # what `-tr nnUNetTrainer` runs; either name is recorded
+BASELINES = (BASELINE, BASELINE_ALIAS[BASELINE])  # `-tr nnUNetTrainer` runs the alias; runs record either name
 
 
 def _baseline(by_trainer: dict) -> dict:
