@@ -16,24 +16,25 @@ from nnunetv2_dale.utilities.preflight import tool  # noqa: F401 - the tests imp
 SHARED_DDTI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Dataset601_DDTI"
 
 
-# Seconds the slowest tests took on 2 cores (two xdist workers, nothing else running; --durations): only the order in which
-# pytest-xdist hands tests to its workers, longest first, so that no long test starts last.
+# Seconds the slowest tests took on 2 cores (two xdist workers, nothing else running; --durations;
+# the pip installs were under the 25 s of the last listed): only the order in which pytest-xdist
+# hands tests to its workers, longest first, so that no long test starts last.
 SLOWEST = {
-    "test_bench.py::test_bench_command_end_to_end_and_rerun_skips_training": 311,
+    "test_bench.py::test_bench_command_end_to_end_rerun_and_oracle_masks": 311,
     "test_settings.py::test_3d_lowres_and_cascade": 225,
-    "test_crash_safety.py::test_random_kills_while_the_writer_is_busy_leave_a_resumable_fold": 110,
     "test_e2e_cli.py::test_demo_command_small": 122,
-    "test_audit.py::test_audit_ranks_corrupted_cases_first_2d": 88,
-    "test_crash_safety.py::test_kills_at_every_write_leave_a_resumable_fold": 100,
-    "test_e2e_cli.py::test_2d_train_kill_continue_val_predict_find_best": 75,
-    "test_audit.py::test_audit_multiclass_3d_running_fold_exact_geometry": 37,
+    "test_crash_safety.py::test_random_kills_while_the_writer_is_busy_leave_a_resumable_fold": 110,
     "test_benchmark_scripts.py::test_loader_and_epoch_cost_smallest": 107,
-    "test_registration.py::test_pip_install_in_fresh_environment": 60,
-    "test_real_data.py::test_ddti_subset_trains_and_validates": 45,
-    "test_settings.py::test_multichannel_multiclass_ignore_label": 36,
+    "test_crash_safety.py::test_kills_at_every_write_leave_a_resumable_fold": 100,
+    "test_audit.py::test_audit_ranks_corrupted_cases_first_2d": 88,
     "test_e2e_cli.py::test_3d_fullres_train_and_predict_geometry": 82,
+    "test_e2e_cli.py::test_2d_train_kill_continue_val_predict_find_best": 75,
+    "test_real_data.py::test_ddti_subset_trains_and_validates": 45,
+    "test_audit.py::test_audit_multiclass_3d_running_fold_exact_geometry": 37,
+    "test_settings.py::test_multichannel_multiclass_ignore_label": 36,
     "test_crash_safety.py::test_full_disk_during_checkpoint_is_refused_clearly_and_resumable": 32,
     "test_peers.py::test_peer_trains_through_cli_and_predicts_with_stock_nnunet": 30,
+    "test_registration.py::test_pip_install_in_fresh_environment": 25,
 }
 
 

@@ -1,5 +1,6 @@
 """The noisy-label benchmark: noise specs, the noisy dataset copy, metrics, and one real tiny run
-of ``nnUNetv2_dale_bench`` (plan/preprocess, train two trainers, predict, score, report)."""
+of ``nnUNetv2_dale_bench`` (plan/preprocess, train two trainers, predict, score, report; a rerun
+that skips finished runs; the oracle trainer added to the same folder)."""
 from __future__ import annotations
 
 import hashlib
@@ -131,7 +132,7 @@ def test_noisy_copy_nifti_keeps_geometry(tmp_path):
         assert not np.array_equal(sitk.GetArrayFromImage(a), sitk.GetArrayFromImage(b))
 
 
-def test_bench_command_end_to_end_and_rerun_skips_training(tmp_path):
+def test_bench_command_end_to_end_rerun_and_oracle_masks(tmp_path):
     out = tmp_path / "bench"
     cmd = [tool("nnUNetv2_dale_bench"), "-s", "phantoms:2:32:10", "-o", str(out), "--noise", "clean",
            "alphabeta:alpha=1,beta=0.5", "-tr", "nnUNetTrainer", "nnUNetTrainerDALE", "--epochs", "2",
