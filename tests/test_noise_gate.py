@@ -102,9 +102,26 @@ def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch
             loss, _ = trainer.dale_loss(batch, output, batch["target"], phase)
             trainer.alignment.features = None
             losses[name, phase] = (float(loss.detach()), float(trainer.loss(output, batch["target"]).detach()))
+    # the per-case gate (dale_case_gate): the dataset looks noisy (gate 1, from cases outside this
+    # batch), the batch's own cases read clean, so their labels keep their weight
+    ghosts = [f"ghost{i}" for i in range(2 * len(keys))]
+    mixed = NoiseEstimate(keys + ghosts, np.r_[ones * 0, np.full(len(ghosts), 50)], np.r_[ones, np.full(len(ghosts), 100)],
+                          np.r_[ones, np.full(len(ghosts), 100)], 0.08, 0.14, 2.5)
+    trainer.noise_estimate = mixed
+    assert trainer.noise_gate() == 1 and trainer.sample_gates(keys + ghosts[:1]).tolist() == [1.0] * (len(keys) + 1)
+    trainer.dale_case_gate = True
+    assert trainer.sample_gates(keys + ghosts[:1]).tolist() == [0.0] * len(keys) + [1.0]
     for phase in (STABLE, FUZZY):
-        dale, stock = losses["closed", phase]
-        assert dale == pytest.approx(stock, rel=1e-5)
+        trainer.alignment.active = True
+        output = trainer.network(data)
+        trainer.alignment.active = False
+        loss, _ = trainer.dale_loss(batch, output, batch["target"], phase)
+        trainer.alignment.features = None
+        losses["cases", phase] = (float(loss.detach()), float(trainer.loss(output, batch["target"]).detach()))
+    for phase in (STABLE, FUZZY):
+        for name in ("closed", "cases"):
+            dale, stock = losses[name, phase]
+            assert dale == pytest.approx(stock, rel=1e-5), (name, phase)
         dale, stock = losses["open", phase]
         assert abs(dale - stock) > 1e-3
     assert bool(trainer.alignment.seen.any())

@@ -95,6 +95,11 @@ class NoiseEstimate:
         """The dataset's gate: how far DALE's objective acts (0 stock nnU-Net, 1 fully)."""
         return ramp(self.median_case(), self.low, self.high)
 
+    def case_gates(self, low: float, high: float) -> dict[str, float]:
+        """Per case, the ramp of its own estimate from ``low`` to ``high`` (1 where the case has no
+        known labelled foreground: nothing to read, so the dataset's gate alone decides)."""
+        return {k: ramp(e, low, high) if np.isfinite(e) else 1.0 for k, e in zip(self.keys, self.case_estimates())}
+
     def to_dict(self) -> dict:
         est = self.case_estimates()
         return {"epoch": self.epoch, "contradicted_below": CONTRADICTED, "margin": self.margin,

@@ -146,6 +146,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       (0.6) times the lesion's mean depth from a label change; on labels that look clean DALE trains
       as stock nnU-Net. False: the defaults before the gate (``nnUNetTrainerDALE_ungated``); 0.2.0's
       rim (2.5 voxels alone, gate 0.08-0.14): ``nnUNetTrainerDALE_v02``. docs/method.md 7.13-7.14.
+    - ``dale_case_gate`` (False): each case's label confidence also follows the case's own estimate
+      (omega -> 1 - g g_case (1 - omega), g_case rising from ``dale_case_gate_low`` (0.06) to
+      ``dale_case_gate_high`` (0.10) of the case's contradicted lesion share; 1 where the case has
+      no labelled foreground), so the cases that look clean inside a noisy dataset lose no weight
+      to the early network's own errors. ``nnUNetTrainerDALE_caseGate``; docs/method.md 7.15.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -163,6 +168,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     use_alignment: bool = True
     dale_overrides: dict[str, object] = {}  # a variant's hyperparameters, set over the defaults in __init__
     noise_estimate: NoiseEstimate | None = None  # how noisy the labels look (update_noise_estimate)
+    _case_gates: tuple = (None, {})  # (the estimate they follow, per-case gate); sample_gates
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -226,6 +232,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_gate_high = 0.10
         self.dale_gate_margin = 2.5
         self.dale_gate_depth_share = 0.6
+        self.dale_case_gate = False
+        self.dale_case_gate_low = 0.06
+        self.dale_case_gate_high = 0.10
         self.dale_estimate_every = 10
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation
@@ -481,7 +490,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
                              for b, (key, index) in enumerate(zip(keys, indices))])
         if self.dale_noise_gate:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
-            omega = 1 - self.noise_gate() * (1 - omega)
+            omega = 1 - self.sample_gates(keys).to(dev).unsqueeze(1) * (1 - omega)
         flat_q = q.reshape(-1, channels)
         entropy = torch.where(known.reshape(-1), entropy_signal(flat_q), torch.zeros((), device=dev))
         qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
@@ -512,6 +521,17 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if not self.dale_noise_gate:
             return 1.0
         return self.noise_estimate.gate() if self.noise_estimate is not None else 0.0
+
+    def sample_gates(self, keys: list[str]) -> torch.Tensor:
+        """Per sample of a batch, how far DALE's objective acts on its labels: the dataset's gate,
+        times the case's own (``dale_case_gate``)."""
+        g = torch.full((len(keys),), self.noise_gate())
+        if self.dale_case_gate and self.noise_estimate is not None:
+            if self._case_gates[0] is not self.noise_estimate:  # computed once per estimate
+                self._case_gates = (self.noise_estimate, self.noise_estimate.case_gates(
+                    self.dale_case_gate_low, self.dale_case_gate_high))
+            g = g * torch.tensor([self._case_gates[1].get(k, 1.0) for k in keys])
+        return g
 
     def update_noise_estimate(self) -> None:
         """Estimate the label noise from the whole memory (one pass over the buffers and the
