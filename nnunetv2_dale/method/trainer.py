@@ -550,6 +550,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if self.local_rank == 0:
             write_json_atomic(Path(self.output_folder) / ESTIMATE_FILE, self.noise_estimate.to_dict())
         self.print_to_log_file("DALE noise estimate: " + self.noise_estimate.summary())
+        if self.dale_case_gate:
+            g = np.array(list(self.noise_estimate.case_gates(self.dale_case_gate_low, self.dale_case_gate_high).values()))
+            self.print_to_log_file(f"DALE per-case gate: {int((g >= 1).sum())} of {len(g)} cases acted on fully, "
+                                   f"{int((g <= 0).sum())} kept at full label weight")
 
     def _estimate_due(self) -> bool:
         """At an epoch end where the memory was written and DALE's objective runs next: always
