@@ -111,6 +111,7 @@ def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch
     assert trainer.noise_gate() == 1 and trainer.sample_gates(keys + ghosts[:1]).tolist() == [1.0] * (len(keys) + 1)
     trainer.dale_case_gate = True
     assert trainer.sample_gates(keys + ghosts[:1]).tolist() == [0.0] * len(keys) + [1.0]
+    trainer.dale_agreement_weights = True  # its discount follows the gate too
     for phase in (STABLE, FUZZY):
         trainer.alignment.active = True
         output = trainer.network(data)

@@ -10,4 +10,5 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetT
                                            nnUNetTrainerDALE_noFuzzySampling, nnUNetTrainerDALE_noHorizon, nnUNetTrainerDALE_plainSampling,
                                            nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01, nnUNetTrainerDALE_wideLightAlign,
                                            nnUNetTrainerDALE_wideReference, nnUNetTrainerDALE_ungated,
-                                           nnUNetTrainerDALE_massAlign, nnUNetTrainerDALE_v02, nnUNetTrainerDALE_caseGate)
+                                           nnUNetTrainerDALE_massAlign, nnUNetTrainerDALE_v02, nnUNetTrainerDALE_caseGate,
+                                           nnUNetTrainerDALE_caseAgree)

@@ -489,8 +489,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         known = valid & (visits >= self.dale_min_visits)
         omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
                              for b, (key, index) in enumerate(zip(keys, indices))])
+        # how far DALE acts on each sample's labels (1 without the gate)
+        gates = self.sample_gates(keys).to(dev) if self.dale_noise_gate else torch.ones(shape[0], device=dev)
         if self.dale_noise_gate:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
-            omega = 1 - self.sample_gates(keys).to(dev).unsqueeze(1) * (1 - omega)
+            omega = 1 - gates.unsqueeze(1) * (1 - omega)
         flat_q = q.reshape(-1, channels)
         entropy = torch.where(known.reshape(-1), entropy_signal(flat_q), torch.zeros((), device=dev))
         qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
@@ -507,7 +509,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
             fuzzy = 1 - omega
             if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
-                omega = omega * (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1)
+                agree = (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1)
+                omega = omega * (1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree))
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
