@@ -530,11 +530,16 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         times the case's own (``dale_case_gate``)."""
         g = torch.full((len(keys),), self.noise_gate())
         if self.dale_case_gate and self.noise_estimate is not None:
-            if self._case_gates[0] is not self.noise_estimate:  # computed once per estimate
-                self._case_gates = (self.noise_estimate, self.noise_estimate.case_gates(
-                    self.dale_case_gate_low, self.dale_case_gate_high))
-            g = g * torch.tensor([self._case_gates[1].get(k, 1.0) for k in keys])
+            cases = self.case_gates()
+            g = g * torch.tensor([cases.get(k, 1.0) for k in keys])
         return g
+
+    def case_gates(self) -> dict[str, float]:
+        """The current estimate's per-case gates (``dale_case_gate``), computed once per estimate."""
+        if self._case_gates[0] is not self.noise_estimate:
+            self._case_gates = (self.noise_estimate, self.noise_estimate.case_gates(
+                self.dale_case_gate_low, self.dale_case_gate_high))
+        return self._case_gates[1]
 
     def update_noise_estimate(self) -> None:
         """Estimate the label noise from the whole memory (one pass over the buffers and the
@@ -554,7 +559,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             write_json_atomic(Path(self.output_folder) / ESTIMATE_FILE, self.noise_estimate.to_dict())
         self.print_to_log_file("DALE noise estimate: " + self.noise_estimate.summary())
         if self.dale_case_gate:
-            g = np.array(list(self.noise_estimate.case_gates(self.dale_case_gate_low, self.dale_case_gate_high).values()))
+            g = np.array(list(self.case_gates().values()))
             self.print_to_log_file(f"DALE per-case gate: {int((g >= 1).sum())} of {len(g)} cases acted on fully, "
                                    f"{int((g <= 0).sum())} kept at full label weight")
 
