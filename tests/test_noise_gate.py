@@ -127,3 +127,34 @@ def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch
         assert abs(dale - stock) > 1e-3
     assert bool(trainer.alignment.seen.any())
     trainer.memory.close()
+
+
+def test_a_frozen_memory_under_a_shut_gate_leaves_nnunets_own_steps(tiny2d, monkeypatch):
+    """Once the memory is frozen and the labels look clean, the estimate is final and DALE's
+    objective is nnU-Net's: the steps skip DALE's per-voxel work and the workers read no buffers
+    (the cost a GPU user would otherwise pay for nothing); an open gate uses both."""
+    from conftest import inprocess_trainer
+
+    tree, did, _ = tiny2d
+    trainer = inprocess_trainer(tree, did, "2d", monkeypatch)
+    trainer.on_train_start()
+    keys = sorted(trainer.memory.case_shapes)
+    ones = np.ones(len(keys), np.int64) * 100
+    trainer._curve_horizon = 0  # frozen from epoch 0 on, so DALE's objective runs from epoch 0
+    trainer.current_epoch = 0
+    calls = []
+    real_maps = trainer.rset_maps
+    monkeypatch.setattr(trainer, "rset_maps", lambda batch: calls.append(1) or real_maps(batch))
+    seen = {}
+    for name, contradicted in (("closed", 0), ("open", 50)):
+        trainer.noise_estimate = NoiseEstimate(keys, ones * contradicted, ones, ones, 0.08, 0.14, 2.5)
+        trainer.on_train_epoch_start()
+        batch = next(trainer.dataloader_train)
+        calls.clear()
+        loss = trainer.train_step(batch)["loss"]
+        assert np.isfinite(loss)
+        seen[name] = (trainer.steps_read_memory(), "dale_q" in batch, len(calls))
+    assert seen == {"closed": (False, False, 0), "open": (True, True, 1)}
+    with open(trainer.log_file) as f:
+        assert "the steps are nnU-Net's" in f.read()
+    trainer.memory.close()

@@ -163,9 +163,10 @@ class PatchReader(SettingsFile):
 
     def batch_arrays(self, batch_size: int, voxels: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Empty (q (B, N, channels) float16, visits (B, N) uint8) for one batch's reads, or None
-        before the first stable or fuzzy epoch (the workers read nothing then)."""
+        before the first stable or fuzzy epoch and where the trainer's steps do not use the memory
+        (``reads``: frozen under a shut gate); the workers read nothing then."""
         s = self.settings()
-        if s.get("phase", "warmup") == "warmup" or "channels" not in s:
+        if s.get("phase", "warmup") == "warmup" or not s.get("reads", True) or "channels" not in s:
             return None
         return (torch.empty((batch_size, voxels, s["channels"]), dtype=torch.float16),
                 torch.empty((batch_size, voxels), dtype=torch.uint8))
