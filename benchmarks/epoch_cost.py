@@ -8,7 +8,9 @@ Generates phantom cases of ``--shape`` (default 160 x 256 x 256), lets nnU-Net p
 ``--configuration`` (3d_fullres: on a GPU nnU-Net's planner picks its real patch and batch, e.g.
 2 x 128^3), then trains ``nnUNetTrainerBudget`` (stock nnU-Net, ``--epochs`` x ``--iters``) and
 ``nnUNetTrainerDALE`` (same budget), each in its own process, in that order and again reversed
-(``--rounds``). nnU-Net's defaults otherwise: mixed precision and torch.compile on a GPU, its
+(``--rounds``). The phantoms' labels are clean, so DALE's noise gate shuts and, once its memory is
+frozen, its steps are nnU-Net's; ``--trainers nnUNetTrainerBudget nnUNetTrainerDALE_ungated`` (or
+both DALE trainers) measures the steps of an open gate, i.e. on labels that look noisy. nnU-Net's defaults otherwise: mixed precision and torch.compile on a GPU, its
 augmentation workers (``nnUNet_n_proc_DA``), checkpoints. An epoch's seconds are the wall time
 from its start to the next epoch's start, so they include the validation iterations, the
 checkpoints, DALE's buffer snapshots and progress.png (nnU-Net's logged "epoch time" stops
@@ -28,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 TRAINERS = ("nnUNetTrainerBudget", "nnUNetTrainerDALE")
+BASELINE = TRAINERS[0]
 DATASET_ID = 990
 
 
@@ -126,7 +129,9 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=2, help="epochs left out of the medians (compilation, warm-up)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None)
-    p.add_argument("--child", choices=TRAINERS, help=argparse.SUPPRESS)
+    p.add_argument("--trainers", nargs="+", default=list(TRAINERS),
+                   help=f"{BASELINE} first, then the DALE trainers to compare with it")
+    p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print("EPOCH_COST " + json.dumps(child(args.child, args)), flush=True)
@@ -135,9 +140,9 @@ def main() -> None:
     env = prepare(workdir, args)
     env.update(nnUNet_DALE_epochs=str(args.epochs), nnUNet_DALE_iters=str(args.iters),
                nnUNet_DALE_val_iters=str(max(1, args.iters // 5)))
-    runs: dict[str, list[dict]] = {t: [] for t in TRAINERS}
+    runs: dict[str, list[dict]] = {t: [] for t in args.trainers}
     for r in range(args.rounds):
-        for trainer in (TRAINERS if r % 2 == 0 else TRAINERS[::-1]):
+        for trainer in (args.trainers if r % 2 == 0 else args.trainers[::-1]):
             cmd = [sys.executable, __file__, "--child", trainer] + [a for a in sys.argv[1:] if a != "--child"]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -152,22 +157,23 @@ def main() -> None:
                       + " | ms/iter " + ", ".join(f"{k} {v:.1f}" for k, v in e["iteration_ms"].items()), flush=True)
             write(args, runs)
     summary = write(args, runs)
-    first = runs[TRAINERS[0]][0]
+    first = runs[args.trainers[0]][0]
     print(f"\n{args.configuration} on {args.device}, patch {first['patch_size']} x batch {first['batch_size']}, "
           f"{args.epochs} epochs x {args.iters} iterations, {args.rounds} round(s); medians of epochs {args.skip}+ "
           "(DALE: memory frozen):")
     print(table(summary["summary"]))
-    if summary.get("ratio"):
-        print(f"  DALE / nnU-Net seconds per epoch: {summary['ratio']:.3f}")
+    for trainer, ratio in summary["ratios"].items():
+        print(f"  {trainer} / nnU-Net seconds per epoch: {ratio:.3f}")
 
 
 def write(args: argparse.Namespace, runs: dict[str, list[dict]]) -> dict:
     """The summary so far, also written to ``--json`` (after every training, so a run cut short by
     a time limit still leaves its figures)."""
     summary = summarise(runs, args.skip)
-    ratio = (summary["nnUNetTrainerDALE"]["epoch_s"] / summary["nnUNetTrainerBudget"]["epoch_s"]
-             if len(summary) == 2 else None)
-    result = {"settings": vars(args), "runs": runs, "summary": summary, "ratio": ratio, "table": table(summary)}
+    ratios = ({t: s["epoch_s"] / summary[BASELINE]["epoch_s"] for t, s in summary.items() if t != BASELINE}
+              if BASELINE in summary else {})
+    result = {"settings": vars(args), "runs": runs, "summary": summary, "ratio": ratios.get("nnUNetTrainerDALE"),
+              "ratios": ratios, "table": table(summary)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result

@@ -482,9 +482,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         dev = self.device
         channels = self.memory.channels
         keys, indices = list(batch["keys"]), [None] * shape[0]
-        if "dale_q" in batch:  # read by the augmentation workers (0 visits where no valid source voxel)
+        valid_host = None  # from the workers' reads: 0 visits where no valid source voxel (compared on the device)
+        if "dale_q" in batch:  # read by the augmentation workers
             q_host, visits_host = batch["dale_q"], batch["dale_visits"]
-            valid_host = visits_host > 0
         else:
             q_host = torch.empty((shape[0], int(np.prod(shape[1:])), channels))
             visits_host = torch.empty((shape[0], q_host.shape[1]), dtype=torch.int64)
@@ -493,9 +493,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
                 q_host[b], visits_host[b] = self.memory.read(key, index)
                 valid_host[b] = valid
                 indices[b] = index
-        if dev.type == "cuda":
-            q_host, visits_host, valid_host = (t.pin_memory() for t in (q_host, visits_host, valid_host))
-        q, visits, valid = (t.to(dev, non_blocking=True) for t in (q_host, visits_host, valid_host))
+        host = [t for t in (q_host, visits_host, valid_host) if t is not None]
+        if dev.type == "cuda":  # already pinned where nnU-Net's loader pins the batch (then this returns it)
+            host = [t.pin_memory() for t in host]
+        q, visits, *rest = (t.to(dev, non_blocking=True) for t in host)
+        valid = rest[0] if rest else visits > 0
         q = q.float()
         labels_dev = labels_full.to(dev, non_blocking=True)
         lab = labels_dev.reshape(shape[0], -1).long().clamp(0, k - 1)
