@@ -105,6 +105,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       target y~ (a correction toward the temporal ensemble) and aligns their features toward y~'s
       class; False trains them with weight omega against their label, as the stable phase does,
       and aligns them toward their label's class (so low confidence only removes weight).
+    - ``dale_correction_in_loss`` (True): the fuzzy phase's loss trains toward the collaborative
+      target; False: it is the stable phase's confidence-weighted loss (flagged labels are discounted,
+      never replaced), and the collaborative target only gives the alignment its classes.
     - ``dale_certain_correction`` (False): the fuzzy phase moves a voxel's target toward sharpen(q)
       by (1 - omega) * (1 - ER) instead of (1 - omega): only as far as the ensemble is certain, so
       hard voxels on which the early ensemble is merely undecided keep most of their label.
@@ -215,6 +218,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_confidence_floor = 0.0
         self.dale_consistency_weight = 0.0
         self.dale_fuzzy_correction = True
+        self.dale_correction_in_loss = True
         self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
         self.dale_horizon_from_curve = True
@@ -432,11 +436,11 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             if self.dale_use_alignment and self.alignment.features is not None:
                 self.alignment.update_reliable(self.alignment.features, reliable * onehot, self.is_ddp)
         if phase in (FUZZY, JOINT):
-            if self.dale_fuzzy_correction:
+            if self.dale_fuzzy_correction and self.dale_correction_in_loss:
                 softs = [s.to(self.device) for s in self._to_scales(soft, targets)]
                 collaborative = self.loss(output, target, soft=softs if ds else softs[0])
-            else:
-                soft = onehot
+            else:  # low confidence only removes weight (the alignment keeps the collaborative class if corrected)
+                soft = soft if self.dale_fuzzy_correction else onehot
                 weights = weights or [o.to(self.device) for o in omegas]
                 collaborative = self.loss(output, target, weights=weights if ds else weights[0])
             loss = loss + collaborative
