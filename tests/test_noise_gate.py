@@ -102,6 +102,17 @@ def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch
             loss, _ = trainer.dale_loss(batch, output, batch["target"], phase)
             trainer.alignment.features = None
             losses[name, phase] = (float(loss.detach()), float(trainer.loss(output, batch["target"]).detach()))
+    # dale_correction_in_loss False (_discount): under the open gate the fuzzy phase's loss is the
+    # stable phase's confidence-weighted one instead of the pull toward the collaborative target
+    trainer.noise_estimate, trainer.dale_use_alignment = open_, False
+    output = trainer.network(data)
+    phases = {}
+    for name, in_loss, phase in (("stable", True, STABLE), ("corrected", True, FUZZY), ("discounted", False, FUZZY)):
+        trainer.dale_correction_in_loss = in_loss
+        phases[name] = float(trainer.dale_loss(batch, output, batch["target"], phase)[0].detach())
+    assert phases["discounted"] == pytest.approx(phases["stable"], rel=1e-6)
+    assert abs(phases["corrected"] - phases["stable"]) > 1e-3
+    trainer.dale_correction_in_loss, trainer.dale_use_alignment = True, True
     # the per-case gate (dale_case_gate): the dataset looks noisy (gate 1, from cases outside this
     # batch), the batch's own cases read clean, so their labels keep their weight
     ghosts = [f"ghost{i}" for i in range(2 * len(keys))]
