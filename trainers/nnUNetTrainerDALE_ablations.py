@@ -11,4 +11,5 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetT
                                            nnUNetTrainerDALE_slowEMA, nnUNetTrainerDALE_v01, nnUNetTrainerDALE_wideLightAlign,
                                            nnUNetTrainerDALE_wideReference, nnUNetTrainerDALE_ungated,
                                            nnUNetTrainerDALE_massAlign, nnUNetTrainerDALE_v02, nnUNetTrainerDALE_caseGate,
-                                           nnUNetTrainerDALE_caseAgree, nnUNetTrainerDALE_discount)
+                                           nnUNetTrainerDALE_caseAgree, nnUNetTrainerDALE_discount,
+                                           nnUNetTrainerDALE_caseDiscount)

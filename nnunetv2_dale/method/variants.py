@@ -269,3 +269,9 @@ class nnUNetTrainerDALE_discount(nnUNetTrainerDALE):
     the gap when the noisy voxels are ignored (OracleIgnore 0.869, nnU-Net 0.832) but nothing
     through DALE's objective (oracleOmega 0.833). docs/method.md 7.16."""
     dale_overrides = {"dale_correction_in_loss": False}
+
+
+class nnUNetTrainerDALE_caseDiscount(nnUNetTrainerDALE):
+    """``_caseAgree``'s detection (per-case gate from 0.03, agreement weights) with ``_discount``'s
+    use of it: flagged labels lose weight in both phases and are never replaced in the loss."""
+    dale_overrides = {**nnUNetTrainerDALE_caseAgree.dale_overrides, **nnUNetTrainerDALE_discount.dale_overrides}
