@@ -10,8 +10,9 @@ Generates phantom cases of ``--shape`` (default 160 x 256 x 256), lets nnU-Net p
 ``nnUNetTrainerDALE`` (same budget), each in its own process, in that order and again reversed
 (``--rounds``). The phantoms' labels are clean, so DALE's noise gate shuts and, once its memory is
 frozen, its steps are nnU-Net's; ``--trainers nnUNetTrainerBudget nnUNetTrainerDALE_ungated`` (or
-both DALE trainers) measures the steps of an open gate, i.e. on labels that look noisy. nnU-Net's defaults otherwise: mixed precision and torch.compile on a GPU, its
-augmentation workers (``nnUNet_n_proc_DA``), checkpoints. An epoch's seconds are the wall time
+both DALE trainers) measures the steps of an open gate, i.e. on labels that look noisy. nnU-Net's
+defaults otherwise: mixed precision and torch.compile on a GPU, its augmentation workers
+(``nnUNet_n_proc_DA``), checkpoints. An epoch's seconds are the wall time
 from its start to the next epoch's start, so they include the validation iterations, the
 checkpoints, DALE's buffer snapshots and progress.png (nnU-Net's logged "epoch time" stops
 before those). The first epoch (compilation, cudnn autotuning, memory allocation) is reported

@@ -284,15 +284,17 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.memory is not None and self.phase() != WARMUP and self.noise_estimate is None:
+        if self.memory is None:
+            return
+        if self.phase() != WARMUP and self.noise_estimate is None:
             self.update_noise_estimate()  # a run resumed from buffers saved without an estimate
-        if self.memory is not None and self.local_rank == 0:  # read by the augmentation workers
+        reads = self.steps_read_memory()
+        if self.local_rank == 0:  # read by the augmentation workers
             write_json_atomic(self.memory_folder / SAMPLING_FILE, {
                 "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
                 "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures],
-                "gate": self.noise_gate(), "reads": self.steps_read_memory()})
-        if self.memory is not None and self.phase() != WARMUP and not self.steps_read_memory() \
-                and not self._stock_steps_said:
+                "gate": self.noise_gate(), "reads": reads})
+        if not reads and self.phase() != WARMUP and not self._stock_steps_said:
             self._stock_steps_said = True
             self.print_to_log_file("DALE: the labels look clean (gate 0) and the memory is frozen, so DALE's objective "
                                    "is nnU-Net's for the rest of the training: the steps are nnU-Net's, and the "
