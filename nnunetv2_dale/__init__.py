@@ -3,4 +3,4 @@
 Importing this package is cheap: torch and nnU-Net are imported only by the modules that need
 them (``nnunetv2_dale.method.trainer`` and the command-line tools).
 """
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -227,3 +227,28 @@ def test_report_pairs_runs_with_the_baseline_under_either_name():
                                                         ("nnUNetTrainerDALE", "noisy", 0.75))}
         row = next(line for line in table({"runs": runs}).splitlines() if "| noisy" in line and "DALE" in line)
         assert "| 0.0500 | +25% |" in row, row
+
+
+def test_committed_records_are_reproducible_under_their_trainer_names():
+    """Every committed benchmark record that carries its hyperparameters is what its trainer class
+    trains with today (so changing a default must also pin it in the variants measured before).
+    Knobs added after a record are absent from it; gate thresholds are inert where its gate was off."""
+    import nnunetv2_dale.bench.oracles as oracles
+    import nnunetv2_dale.method.trainer as trainer
+    import nnunetv2_dale.method.variants as variants
+    from nnunetv2_dale.bench.provenance import hyperparameters_of
+
+    files = sorted((Path(__file__).resolve().parents[1] / "benchmarks").rglob("results.json"))
+    checked = 0
+    for file in files:
+        for key, record in json.loads(file.read_text())["runs"].items():
+            if "hyperparameters" not in record:
+                continue
+            name = key.split("/")[1]
+            cls = next(getattr(m, name) for m in (variants, trainer, oracles) if hasattr(m, name))
+            now, then = hyperparameters_of(cls), record["hyperparameters"]
+            inert = {"dale_gate_low", "dale_gate_high"} if then.get("dale_noise_gate") == "False" else set()
+            differ = {k: (v, now.get(k)) for k, v in then.items() if k not in inert and now.get(k) != v}
+            assert not differ, f"{file.parent.name} {key}: recorded vs now {differ}"
+            checked += 1
+    assert checked >= 40, f"only {checked} records with hyperparameters under benchmarks/"

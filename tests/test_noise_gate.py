@@ -112,7 +112,7 @@ def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch
         phases[name] = float(trainer.dale_loss(batch, output, batch["target"], phase)[0].detach())
     assert phases["discounted"] == pytest.approx(phases["stable"], rel=1e-6)
     assert abs(phases["corrected"] - phases["stable"]) > 1e-3
-    trainer.dale_correction_in_loss, trainer.dale_use_alignment = True, True
+    trainer.dale_use_alignment, trainer.dale_case_gate = True, False  # first without the per-case gate
     # the per-case gate (dale_case_gate): the dataset looks noisy (gate 1, from cases outside this
     # batch), the batch's own cases read clean, so their labels keep their weight
     ghosts = [f"ghost{i}" for i in range(2 * len(keys))]

@@ -24,6 +24,7 @@ import torch
 from nnunetv2_dale.utilities.preflight import SetupError
 from nnunetv2_dale.method.schedule import STABLE
 from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
+from nnunetv2_dale.method.variants import V03
 
 
 class _NoiseOracle(nnUNetTrainerDALE):
@@ -31,7 +32,7 @@ class _NoiseOracle(nnUNetTrainerDALE):
 
     # label_confidence needs each patch voxel's source index; the defaults the ladder was measured with
     dale_overrides = {"dale_worker_reads": False, "dale_horizon_from_curve": False, "dale_reliable_certain": True,
-                      "dale_noise_gate": False}
+                      "dale_noise_gate": False, **V03}
 
     def on_train_start(self):
         super().on_train_start()

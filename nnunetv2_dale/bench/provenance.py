@@ -24,14 +24,19 @@ def hyperparameter_hash(hp: dict) -> str:
     return hashlib.sha1(json.dumps(hp, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def hyperparameters_of(trainer_class: type) -> dict:
+    """A DALE trainer class's hyperparameters now (set on a bare instance, no nnU-Net set-up), as
+    nnU-Net writes them to debug.json: every value as str()."""
+    bare = trainer_class.__new__(trainer_class)
+    bare.set_dale_hyperparameters()
+    return {k: str(v) for k, v in dale_hyperparameters(vars(bare)).items()}
+
+
 def defaults() -> dict:
-    """``nnUNetTrainerDALE``'s hyperparameters now (set on a bare instance, no nnU-Net set-up)."""
+    """``nnUNetTrainerDALE``'s hyperparameters now."""
     from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 
-    bare = nnUNetTrainerDALE.__new__(nnUNetTrainerDALE)
-    bare.set_dale_hyperparameters()
-    # as nnU-Net writes them to debug.json: every value as str()
-    return {k: str(v) for k, v in dale_hyperparameters(vars(bare)).items()}
+    return hyperparameters_of(nnUNetTrainerDALE)
 
 
 def run_provenance(fold: Path) -> dict:

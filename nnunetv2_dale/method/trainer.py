@@ -105,9 +105,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       target y~ (a correction toward the temporal ensemble) and aligns their features toward y~'s
       class; False trains them with weight omega against their label, as the stable phase does,
       and aligns them toward their label's class (so low confidence only removes weight).
-    - ``dale_correction_in_loss`` (True): the fuzzy phase's loss trains toward the collaborative
-      target; False: it is the stable phase's confidence-weighted loss (flagged labels are discounted,
-      never replaced), and the collaborative target only gives the alignment its classes.
+    - ``dale_correction_in_loss`` (False): the fuzzy phase's loss is the stable phase's
+      confidence-weighted one (flagged labels are discounted, never replaced), and the collaborative
+      target only gives the alignment its classes; True: the fuzzy phase's loss trains toward the
+      collaborative target (the default up to 0.3.0, ``nnUNetTrainerDALE_v03``). Why: at full-size
+      DDTI the early ensemble is wrong on about half of the noise, so correcting toward it lost
+      2-2.6 points where discounting lost none. docs/method.md 7.17.
     - ``dale_certain_correction`` (False): the fuzzy phase moves a voxel's target toward sharpen(q)
       by (1 - omega) * (1 - ER) instead of (1 - omega): only as far as the ensemble is certain, so
       hard voxels on which the early ensemble is merely undecided keep most of their label.
@@ -149,11 +152,14 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
       (0.6) times the lesion's mean depth from a label change; on labels that look clean DALE trains
       as stock nnU-Net. False: the defaults before the gate (``nnUNetTrainerDALE_ungated``); 0.2.0's
       rim (2.5 voxels alone, gate 0.08-0.14): ``nnUNetTrainerDALE_v02``. docs/method.md 7.13-7.14.
-    - ``dale_case_gate`` (False): each case's label confidence also follows the case's own estimate
-      (omega -> 1 - g g_case (1 - omega), g_case rising from ``dale_case_gate_low`` (0.06) to
-      ``dale_case_gate_high`` (0.10) of the case's contradicted lesion share; 1 where the case has
+    - ``dale_case_gate`` (True): each case's label confidence also follows the case's own estimate
+      (omega -> 1 - g g_case (1 - omega), g_case rising from ``dale_case_gate_low`` (0.03) to
+      ``dale_case_gate_high`` (0.06) of the case's contradicted lesion share; 1 where the case has
       no labelled foreground), so the cases that look clean inside a noisy dataset lose no weight
-      to the early network's own errors. ``nnUNetTrainerDALE_caseGate``; docs/method.md 7.15.
+      to the early network's own errors. docs/method.md 7.15.
+    - ``dale_agreement_weights`` (True): the loss weights also discount the voxels whose early
+      ensemble prefers another class (omega x min(1, 2 q[y]), gated like omega): more of the noise
+      flagged, at a precision the per-case gate keeps. docs/method.md 7.15.
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -218,7 +224,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_confidence_floor = 0.0
         self.dale_consistency_weight = 0.0
         self.dale_fuzzy_correction = True
-        self.dale_correction_in_loss = True
+        self.dale_correction_in_loss = False
         self.dale_certain_correction = False
         self.dale_memory_horizon = 0.3
         self.dale_horizon_from_curve = True
@@ -231,15 +237,15 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_reliable_certain = False
         self.dale_align_cooldown_fraction = 0.0
         self.dale_align_mass = False
-        self.dale_agreement_weights = False
+        self.dale_agreement_weights = True
         self.dale_noise_gate = True
         self.dale_gate_low = 0.06
         self.dale_gate_high = 0.10
         self.dale_gate_margin = 2.5
         self.dale_gate_depth_share = 0.6
-        self.dale_case_gate = False
-        self.dale_case_gate_low = 0.06
-        self.dale_case_gate_high = 0.10
+        self.dale_case_gate = True
+        self.dale_case_gate_low = 0.03
+        self.dale_case_gate_high = 0.06
         self.dale_estimate_every = 10
         self.dale_use_confidence = self.use_confidence
         self.dale_use_alternation = self.use_alternation

@@ -9,7 +9,11 @@ from nnunetv2_dale.method.trainer import nnUNetTrainerDALE
 # ablations (use_* switched off) follow the defaults.
 # Every tuning variant also keeps the objective ungated and the memory free to freeze before it is
 # mature (issue 27's noise gate and visit count came after them).
-EARLY_FREEZE = {"dale_horizon_min_visits": 0.0}
+# 0.4.0 made the per-case gate, the agreement weights and discounting (instead of correcting) the
+# defaults; every variant measured before pins the earlier values.
+V03 = {"dale_case_gate": False, "dale_case_gate_low": 0.06, "dale_case_gate_high": 0.10,
+       "dale_agreement_weights": False, "dale_correction_in_loss": True}
+EARLY_FREEZE = {"dale_horizon_min_visits": 0.0, **V03}
 UNGATED = {"dale_noise_gate": False, **EARLY_FREEZE}
 FIXED_HORIZON = {"dale_horizon_from_curve": False, "dale_reliable_certain": True, **UNGATED}
 
@@ -244,34 +248,40 @@ class nnUNetTrainerDALE_v02(nnUNetTrainerDALE):
     dale_overrides = {**EARLY_FREEZE, "dale_gate_depth_share": 0.0, "dale_gate_low": 0.08, "dale_gate_high": 0.14}
 
 
+class nnUNetTrainerDALE_v03(nnUNetTrainerDALE):
+    """The defaults of 0.3.0: one gate for the whole dataset, no agreement weights, and the fuzzy phase
+    trains flagged voxels toward the early ensemble's class (correction). The 0.3.0 records named
+    ``nnUNetTrainerDALE`` in benchmarks/ are these hyperparameters (renamed, ``recorded_as`` kept)."""
+    dale_overrides = V03
+
+
 class nnUNetTrainerDALE_caseGate(nnUNetTrainerDALE):
-    """The defaults with a per-case gate: inside a dataset whose labels look noisy, the cases whose own
+    """0.3.0 with a per-case gate: inside a dataset whose labels look noisy, the cases whose own
     estimate reads clean (contradicted lesion share below 0.06) keep their labels' full weight. On
     full-size DDTI 0.7/0.5 (frozen buffers of the 0.3.0 run) it drops 26 % of the false-flag mass for
     7 % of the recall. docs/method.md 7.15."""
-    dale_overrides = {"dale_case_gate": True}
+    dale_overrides = {**V03, "dale_case_gate": True}
 
 
 class nnUNetTrainerDALE_caseAgree(nnUNetTrainerDALE):
-    """The per-case gate from 0.03 (0.06 fully) with the agreement weights: once the cases that read
-    clean are kept at full weight, the loss also discounts the voxels whose early ensemble prefers
-    another class (omega x min(1, 2 q[y]), gated like omega). Offline on ddti-fast seed 0 buffers:
-    recall of the injected noise 0.34 -> 0.43 at 0.7/0.5 with precision 0.59 -> 0.62, and 0.41 ->
-    0.52 at 0.7/0.7 with 0.75 -> 0.77. docs/method.md 7.15."""
-    dale_overrides = {"dale_case_gate": True, "dale_case_gate_low": 0.03, "dale_case_gate_high": 0.06,
+    """0.3.0 with the per-case gate from 0.03 (0.06 fully) and the agreement weights: once the cases
+    that read clean are kept at full weight, the loss also discounts the voxels whose early ensemble
+    prefers another class (omega x min(1, 2 q[y]), gated like omega); the fuzzy phase still corrects.
+    Today's defaults with ``dale_correction_in_loss`` True. docs/method.md 7.15."""
+    dale_overrides = {**V03, "dale_case_gate": True, "dale_case_gate_low": 0.03, "dale_case_gate_high": 0.06,
                       "dale_agreement_weights": True}
 
 
 class nnUNetTrainerDALE_discount(nnUNetTrainerDALE):
-    """Flagged labels are discounted in both phases, never replaced by the early ensemble's class
-    in the loss (``dale_correction_in_loss`` False); the fuzzy phase keeps the alignment toward the
-    ensemble's class. Why: at full size (128x128 DDTI, 0.7/0.5) perfect detection recovers 82 % of
+    """0.3.0 with flagged labels discounted in both phases, never replaced by the early ensemble's
+    class in the loss (``dale_correction_in_loss`` False); the fuzzy phase keeps the alignment toward
+    the ensemble's class. Why: at full size (128x128 DDTI, 0.7/0.5) perfect detection recovers 82 % of
     the gap when the noisy voxels are ignored (OracleIgnore 0.869, nnU-Net 0.832) but nothing
     through DALE's objective (oracleOmega 0.833). docs/method.md 7.16."""
-    dale_overrides = {"dale_correction_in_loss": False}
+    dale_overrides = {**V03, "dale_correction_in_loss": False}
 
 
 class nnUNetTrainerDALE_caseDiscount(nnUNetTrainerDALE):
-    """``_caseAgree``'s detection (per-case gate from 0.03, agreement weights) with ``_discount``'s
-    use of it: flagged labels lose weight in both phases and are never replaced in the loss."""
-    dale_overrides = {**nnUNetTrainerDALE_caseAgree.dale_overrides, **nnUNetTrainerDALE_discount.dale_overrides}
+    """``_caseAgree``'s detection with ``_discount``'s use of it: the defaults since 0.4.0 (the name
+    its runs were recorded under before)."""
+    dale_overrides = {**nnUNetTrainerDALE_caseAgree.dale_overrides, "dale_correction_in_loss": False}
