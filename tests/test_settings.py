@@ -171,7 +171,7 @@ def _reference_rset_maps(trainer, batch):
     reliable, fuzzy = omega * (1 - entropy) if trainer.dale_reliable_certain else omega, 1 - omega
     onehot = torch.zeros(q_full.shape).scatter_(1, labels_full.long().clamp(0, k - 1), 1)
     if trainer.dale_agreement_weights:  # (0.4.0) the loss weight also scales with the ensemble's agreement, 2 q[y] up to 1
-        omega = omega * (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1)
+        omega = omega * (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1) ** trainer.dale_agreement_power
     soft = collaborative_target(onehot, q_full, omega, entropy, trainer.dale_sharpen_temperature,
                                 trainer.dale_certain_correction)
     counted = (labels_full != trainer.label_manager.ignore_label).float()
@@ -181,8 +181,8 @@ def _reference_rset_maps(trainer, batch):
 def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypatch):
     """The batched device-side R-set maps equal the per-sample host computation they replaced
     (4 classes, ignore label, voxels below and above the visit threshold, with and without the
-    0.4.0 agreement weights), whether the buffer values come with the batch from the loader
-    (workers) or are read by the trainer."""
+    0.4.0 agreement weights, to the first and second power), whether the buffer values come with
+    the batch from the loader (workers) or are read by the trainer."""
     from nnunetv2_dale.method.rsets import Mixture
 
     trainer = _trainer_with_filled_memory(multilabel2d, monkeypatch, seed=1,
@@ -198,9 +198,10 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
     assert worker_batch["dale_q"].dtype == torch.float16 and worker_batch["dale_visits"].dtype == torch.uint8
     host_batch = {k: v for k, v in worker_batch.items() if not k.startswith("dale_")}
     for b, certain, agree in [(b, c, a) for b in (batch, worker_batch, host_batch) for c in (False, True)
-                              for a in (False, True)]:
+                              for a in (0.0, 1.0, 2.0)]:
         trainer.dale_reliable_certain = certain  # the reliable membership: omega, or omega (1 - ER)
-        trainer.dale_agreement_weights = agree  # the loss weights: omega, or omega times the ensemble's agreement
+        # the loss weights: omega, or omega times the ensemble's agreement (to a power: _sharpAgree)
+        trainer.dale_agreement_weights, trainer.dale_agreement_power = agree > 0, agree
         got, want = trainer.rset_maps(b), _reference_rset_maps(trainer, b)
         assert 0 < float(want[6].float().mean()) < 1  # some voxels known, some not
         for name, g, w in zip(("omega", "reliable", "fuzzy", "soft", "onehot", "ensemble", "known"), got, want):

@@ -12,4 +12,4 @@ from nnunetv2_dale.method.variants import (nnUNetTrainerDALE_agreeAlign, nnUNetT
                                            nnUNetTrainerDALE_wideReference, nnUNetTrainerDALE_ungated,
                                            nnUNetTrainerDALE_massAlign, nnUNetTrainerDALE_v02, nnUNetTrainerDALE_caseGate,
                                            nnUNetTrainerDALE_caseAgree, nnUNetTrainerDALE_discount,
-                                           nnUNetTrainerDALE_caseDiscount, nnUNetTrainerDALE_v03)
+                                           nnUNetTrainerDALE_caseDiscount, nnUNetTrainerDALE_v03, nnUNetTrainerDALE_sharpAgree)

@@ -160,6 +160,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     - ``dale_agreement_weights`` (True): the loss weights also discount the voxels whose early
       ensemble prefers another class (omega x min(1, 2 q[y]), gated like omega): more of the noise
       flagged, at a precision the per-case gate keeps. docs/method.md 7.15.
+    - ``dale_agreement_power`` (1): the agreement factor is min(1, 2 q[y]) to this power; above 1
+      the voxels the ensemble contradicts are discounted harder (``nnUNetTrainerDALE_sharpAgree``).
     - ``dale_use_confidence`` / ``dale_use_alternation`` / ``dale_use_alignment`` (True): switched
       off by the ablation variants.
 
@@ -238,6 +240,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         self.dale_align_cooldown_fraction = 0.0
         self.dale_align_mass = False
         self.dale_agreement_weights = True
+        self.dale_agreement_power = 1.0
         self.dale_noise_gate = True
         self.dale_gate_low = 0.06
         self.dale_gate_high = 0.10
@@ -539,7 +542,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
             fuzzy = 1 - omega
             if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
-                agree = (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1)
+                agree = (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1) ** self.dale_agreement_power
                 omega = omega * (1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree))
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
