@@ -232,11 +232,13 @@ def test_report_pairs_runs_with_the_baseline_under_either_name():
 def test_committed_records_are_reproducible_under_their_trainer_names():
     """Every committed benchmark record that carries its hyperparameters is what its trainer class
     trains with today (so changing a default must also pin it in the variants measured before).
-    Knobs added after a record are absent from it; gate thresholds are inert where its gate was off."""
+    Knobs added after a record are absent from it; gate thresholds are inert where its gate was off.
+    The records under today's name carry today's hash, so the report marks them (a knob added at
+    its neutral value leaves the hash as it was)."""
     import nnunetv2_dale.bench.oracles as oracles
     import nnunetv2_dale.method.trainer as trainer
     import nnunetv2_dale.method.variants as variants
-    from nnunetv2_dale.bench.provenance import hyperparameters_of
+    from nnunetv2_dale.bench.provenance import defaults, hyperparameter_hash, hyperparameters_of
 
     files = sorted((Path(__file__).resolve().parents[1] / "benchmarks").rglob("results.json"))
     checked = 0
@@ -250,5 +252,7 @@ def test_committed_records_are_reproducible_under_their_trainer_names():
             inert = {"dale_gate_low", "dale_gate_high"} if then.get("dale_noise_gate") == "False" else set()
             differ = {k: (v, now.get(k)) for k, v in then.items() if k not in inert and now.get(k) != v}
             assert not differ, f"{file.parent.name} {key}: recorded vs now {differ}"
+            if name == "nnUNetTrainerDALE":
+                assert record["hyperparameter_hash"] == hyperparameter_hash(defaults()), f"{file.parent.name} {key}"
             checked += 1
     assert checked >= 40, f"only {checked} records with hyperparameters under benchmarks/"
