@@ -3,7 +3,8 @@
 The scripts that read a benchmark folder (``noise_estimate_table.py``, ``area_analysis.py``, ``ddti_fast/flag_analysis.py``,
 ``ddti_fast/flag_rules.py``, ``audit_vs_cleanlab.py``) run on the folder of the benchmark's
 end-to-end test (``test_bench.py``). ``ddti_fast/ensemble_flags.py`` needs snapshot trainings of its
-own (``nnUNetTrainerBudgetSnap``) and is not run by the suite.
+own (``nnUNetTrainerBudgetSnap``) and is not run by the suite. ``merge_results.py`` runs on two small
+results files written here.
 """
 from __future__ import annotations
 
@@ -91,3 +92,30 @@ def bench_folder_scripts(out: Path, noisy_dataset: str) -> None:
     else:
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert json.loads((out / "audit_vs_cleanlab.json").read_text())
+
+
+def test_merge_results_maps_datasets_by_name_and_refuses_duplicates(tmp_path):
+    """``merge_results.py`` adds a folder's runs under the committed dataset of the same name, with
+    its folder and today's hash, and refuses a run that is already committed (writing nothing)."""
+    def run(dice: float, hp: dict | None = None) -> dict:
+        return {"metrics": {"dice": dice}, **({"hyperparameters": hp, "hyperparameter_hash": "stale"} if hp else {})}
+
+    committed = tmp_path / "results.json"
+    committed.write_text(json.dumps({"runs": {"Dataset801_Xaba07b05s0/nnUNetTrainer": run(0.78)}, "invocations": []}))
+    folder = tmp_path / "rerun_a"
+    folder.mkdir()
+    hp = {"dale_agreement_power": "1.0", "dale_noise_gate": "True"}
+    (folder / "results.json").write_text(json.dumps({"runs": {"Dataset920_Xaba07b05s0/nnUNetTrainerDALE": run(0.79, hp),
+                                                              "Dataset921_Xcleans0/nnUNetTrainerDALE": run(0.83, hp)},
+                                                     "invocations": [{"seeds": [0]}]}))
+    script("merge_results.py", str(committed), str(folder))
+    runs = json.loads(committed.read_text())["runs"]
+    added = runs["Dataset801_Xaba07b05s0/nnUNetTrainerDALE"]
+    from nnunetv2_dale.bench.provenance import hyperparameter_hash
+
+    assert added["bench_folder"] == "rerun_a" and added["hyperparameter_hash"] == hyperparameter_hash(hp) != "stale"
+    assert "Dataset921_Xcleans0/nnUNetTrainerDALE" in runs  # no committed dataset of that name: kept as is
+    before = committed.read_text()
+    proc = subprocess.run([sys.executable, str(BENCH / "merge_results.py"), str(committed), str(folder)],
+                          capture_output=True, text=True, env=clean_env())
+    assert proc.returncode != 0 and "already committed" in proc.stderr and committed.read_text() == before
