@@ -10,7 +10,9 @@ real batch shapes, and times batches from each trainer's own ``get_dataloaders``
 
 - ``nnUNetTrainer``: stock;
 - ``DALE (warm-up)``: coordinate maps only;
-- ``DALE (stable)``: coordinate maps + the workers' buffer reads.
+- ``DALE (stable)``: coordinate maps + the workers' buffer reads;
+- ``DALE (frozen, clean)``: the memory frozen under a shut gate (labels that look clean): the
+  workers build nnU-Net's own batches.
 
 Loaders run one at a time (each started, warmed up, timed, stopped), in rounds that alternate the
 order; ``loader_ratio`` = DALE's batches per second / nnU-Net's, the median over rounds.
@@ -44,7 +46,8 @@ SHAPES = {  # name: (dim, case shape, configuration, patch, batch)
     "2d tiny (smoke test)": (2, (48, 48), "2d", [32, 32], 2),
 }
 LOADERS = {"nnUNetTrainer": ("nnUNetTrainer", ""), "DALE (warm-up)": ("nnUNetTrainerDALE", "warm-up"),
-           "DALE (stable)": ("nnUNetTrainerDALE", "stable")}  # row: (trainer, DALE phase the workers see)
+           "DALE (stable)": ("nnUNetTrainerDALE", "stable"),
+           "DALE (frozen, clean)": ("nnUNetTrainerDALE", "frozen")}  # row: (trainer, DALE phase the workers see)
 
 
 def prepare(root: Path, name: str, dataset_id: int) -> None:
@@ -85,7 +88,8 @@ def loader_rate(trainer_name: str, stage: str, dataset_id: int, name: str, batch
         trainer.memory.reset()
         write_json_atomic(trainer.memory_folder / SAMPLING_FILE, {
             "phase": "warmup" if stage == "warm-up" else "stable", "share": 0.0, "min_visits": 3,
-            "channels": trainer.memory.channels, "mixtures": []})
+            "channels": trainer.memory.channels, "mixtures": [], "reads": stage == "stable",
+            "coordinates": stage != "frozen"})
     train, val = trainer.get_dataloaders()
     if same_draws and hasattr(getattr(train, "data_loader", None), "sampler"):
         train.data_loader.sampler = None
@@ -94,6 +98,7 @@ def loader_rate(trainer_name: str, stage: str, dataset_id: int, name: str, batch
             first = next(train)
         assert tuple(first["data"].shape[2:]) == tuple(patch) and first["data"].shape[0] == batch, first["data"].shape
         assert (stage == "stable") == ("dale_q" in first), f"{trainer_name} {stage}: worker reads {'dale_q' in first}"
+        assert (stage in ("warm-up", "stable")) == ("regression_target" in first), f"{trainer_name} {stage}: coordinates"
         if not same_draws:
             t0 = time.perf_counter()
             for _ in range(batches):

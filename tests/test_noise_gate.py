@@ -142,8 +142,9 @@ def test_dale_trains_as_stock_nnunet_when_the_gate_is_closed(tiny2d, monkeypatch
 
 def test_a_frozen_memory_under_a_shut_gate_leaves_nnunets_own_steps(tiny2d, monkeypatch):
     """Once the memory is frozen and the labels look clean, the estimate is final and DALE's
-    objective is nnU-Net's: the steps skip DALE's per-voxel work and the workers read no buffers
-    (the cost a GPU user would otherwise pay for nothing); an open gate uses both."""
+    objective is nnU-Net's: the steps skip DALE's per-voxel work and the workers build nnU-Net's
+    own batches, without coordinate maps or buffer reads (the cost a GPU user would otherwise pay
+    for nothing); an open gate uses both."""
     from conftest import inprocess_trainer
 
     tree, did, _ = tiny2d
@@ -164,8 +165,9 @@ def test_a_frozen_memory_under_a_shut_gate_leaves_nnunets_own_steps(tiny2d, monk
         calls.clear()
         loss = trainer.train_step(batch)["loss"]
         assert np.isfinite(loss)
-        seen[name] = (trainer.steps_read_memory(), "dale_q" in batch, len(calls))
-    assert seen == {"closed": (False, False, 0), "open": (True, True, 1)}
+        seen[name] = (trainer.steps_read_memory(), "dale_q" in batch, "regression_target" in batch, len(calls))
+    # closed: nnU-Net's own batches (no coordinate maps: nothing is written to a frozen memory)
+    assert seen == {"closed": (False, False, False, 0), "open": (True, True, True, 1)}
     with open(trainer.log_file) as f:
         assert "the steps are nnU-Net's" in f.read()
     trainer.memory.close()

@@ -83,9 +83,12 @@ class CoordinateDataLoader(nnUNetDataLoader):
 
     sampler = None
     reader = None
+    settings = None  # the trainer's sampling.json (``SettingsFile``): "coordinates": false gives stock batches
     described: bool | None = None  # coordinates carried as a PatchSpec (decided at the first batch)
 
     def generate_train_batch(self) -> dict:
+        if self.settings is not None and self.settings.settings().get("coordinates", True) is False:
+            return super().generate_train_batch()  # frozen memory, shut gate: the trainer uses neither
         selected_keys = self.get_indices()
         data_all = seg_all = None
         coords_all: list = []
@@ -154,7 +157,7 @@ class CoordinateDataLoader(nnUNetDataLoader):
 
 
 @contextlib.contextmanager
-def training_loader_with_coordinates(sampler=None, reader=None) -> Iterator[None]:
+def training_loader_with_coordinates(sampler=None, reader=None, settings=None) -> Iterator[None]:
     """While active, nnU-Net's ``get_dataloaders`` builds :class:`CoordinateDataLoader` for training.
 
     ``nnUNetTrainer.get_dataloaders`` constructs ``nnUNetDataLoader`` by its module-level name; the
@@ -172,7 +175,7 @@ def training_loader_with_coordinates(sampler=None, reader=None) -> Iterator[None
         built.append(cls.__name__)
         loader = cls(*args, **kwargs)
         if cls is CoordinateDataLoader:
-            loader.sampler, loader.reader = sampler, reader
+            loader.sampler, loader.reader, loader.settings = sampler, reader, settings
         return loader
 
     trainer_module.nnUNetDataLoader = factory

@@ -33,7 +33,7 @@ from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_ta
 from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
                                         loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.noise_estimate import ESTIMATE_FILE, NoiseEstimate, case_counts
-from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader
+from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader, SettingsFile
 from nnunetv2_dale.method.horizon import frozen_from, mature_from, replay_saturation, update_saturation
 from nnunetv2_dale.method.schedule import (FUZZY, JOINT, PHASE_CODES, STABLE, WARMUP, alignment_weight,
                                            phase_of_epoch, warmup_epochs)
@@ -288,7 +288,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def get_dataloaders(self):
         sampler = FuzzySampler(self.memory_folder) if self.dale_fuzzy_sampling_share > 0 else None
         reader = PatchReader(self.memory_folder) if self.dale_worker_reads else None
-        with training_loader_with_coordinates(sampler, reader):
+        with training_loader_with_coordinates(sampler, reader, SettingsFile(self.memory_folder)):
             return super().get_dataloaders()
 
     def on_train_epoch_start(self):
@@ -302,12 +302,12 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             write_json_atomic(self.memory_folder / SAMPLING_FILE, {
                 "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
                 "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures],
-                "gate": self.noise_gate(), "reads": reads})
+                "gate": self.noise_gate(), "reads": reads, "coordinates": reads or not self.memory_frozen()})
         if not reads and self.phase() != WARMUP and not self._stock_steps_said:
             self._stock_steps_said = True
             self.print_to_log_file("DALE: the labels look clean (gate 0) and the memory is frozen, so DALE's objective "
                                    "is nnU-Net's for the rest of the training: the steps are nnU-Net's, and the "
-                                   "workers read no buffers")
+                                   "workers build nnU-Net's own batches (no coordinate maps, no buffer reads)")
 
     def steps_read_memory(self, epoch: int | None = None) -> bool:
         """Whether the training steps of an epoch use the memory (DALE's objective, and the
