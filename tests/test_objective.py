@@ -15,7 +15,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from PIL import Image
 
 from conftest import run, tool
-from nnunetv2_dale.method.alignment import FeatureAlignment, mass_share, w2_diagonal
+from nnunetv2_dale.method.alignment import FeatureAlignment, mass_share, moment_sums, w2_diagonal
 from nnunetv2_dale.method.loss import DALELoss, collaborative_target, sharpen
 from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, entropy_signal, fit_mixture, histogram, loss_signal
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
@@ -74,6 +74,27 @@ def test_alignment_zero_for_identical_moments_positive_otherwise_gradient_to_fea
     assert float(value) == pytest.approx(2 * 0.25, rel=1e-3)
     m = torch.zeros((1, 3))
     assert float(w2_diagonal(m, torch.ones((1, 3)), m, 4 * torch.ones((1, 3)), torch.ones(1))) == pytest.approx(1.0)
+
+
+def test_moment_sums_and_their_gradient_equal_autograd_over_plain_matmuls():
+    """The alignment's moment sums have a hand-written backward (one pass over the features instead
+    of autograd's passes over F^2 and its copies): sums and feature gradients equal autograd's
+    through the plain formulas, over more voxels than one piece (several pieces per sample)."""
+    gen = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 5, 9, 100, 80, generator=gen, dtype=torch.float64)  # 72,000 voxels per sample
+    weights = torch.rand(2, 3, 9, 100, 80, generator=gen, dtype=torch.float64)
+    g1, g2 = torch.randn(3, 5, generator=gen, dtype=torch.float64), torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    f = features.clone().requires_grad_()
+    flat_f, flat_w = f.transpose(0, 1).flatten(1), weights.transpose(0, 1).flatten(1)
+    want = (flat_w.sum(1), flat_w @ flat_f.T, flat_w @ (flat_f.T ** 2))
+    want_grad, = torch.autograd.grad((want[1] * g1).sum() + (want[2] * g2).sum(), f)
+    f32 = features.float().requires_grad_()
+    got = moment_sums(f32, weights.float())
+    got_grad, = torch.autograd.grad((got[1] * g1.float()).sum() + (got[2] * g2.float()).sum(), f32)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got_grad.double(), want_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_alignment_statistics_stay_in_full_precision_under_autocast():

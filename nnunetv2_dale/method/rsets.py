@@ -37,7 +37,8 @@ def agreement_with_label(q: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def entropy_signal(q: torch.Tensor) -> torch.Tensor:
-    """ER = H(q) / log K, in [0, 1]; ``q`` is (N, 1) p(foreground) for binary tasks or (N, K)."""
+    """ER = H(q) / log K over dim 1, in [0, 1]; ``q`` is (N, 1) p(foreground) for binary tasks, or
+    (N, K, ...) class probabilities."""
     p = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
     p = p.clamp_min(EPS)
     p = p / p.sum(1, keepdim=True)

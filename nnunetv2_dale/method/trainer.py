@@ -526,13 +526,14 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         gates = self.sample_gates(keys).to(dev) if self.dale_noise_gate else torch.ones(shape[0], device=dev)
         if self.dale_noise_gate:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
             omega = 1 - gates.unsqueeze(1) * (1 - omega)
-        flat_q = q.reshape(-1, channels)
-        entropy = torch.where(known.reshape(-1), entropy_signal(flat_q), torch.zeros((), device=dev))
-        qk = torch.cat([1 - flat_q, flat_q], 1) if channels == 1 else flat_q
-        onehot_flat = torch.nn.functional.one_hot(lab.reshape(-1), k).to(qk.dtype)
-        qk = torch.where(known.reshape(-1, 1), qk, onehot_flat)
-        q_full, onehot = (t.reshape(shape[0], -1, k).transpose(1, 2).reshape(shape[0], k, *shape[2:])
-                          for t in (qk, onehot_flat))
+        # class-first (B, K, N) from here on: one pass per map, no transposed copies
+        q_cls = torch.stack([1 - q[..., 0], q[..., 0]], 1) if channels == 1 else q.transpose(1, 2)
+        onehot = (lab[:, None] == torch.arange(k, device=dev)[None, :, None]).to(q.dtype)
+        q_full = torch.where(known[:, None], q_cls, onehot)
+        entropy = torch.where(known, entropy_signal(q_cls), torch.zeros((), device=dev))
+        # the ensemble's probability of the annotated class (1 where not known, as q_full is the label there)
+        q_label = torch.where(known, q_cls.gather(1, lab[:, None])[:, 0], torch.ones((), device=dev)).reshape(shape)
+        q_full, onehot = (t.reshape(shape[0], k, *shape[2:]) for t in (q_full, onehot))
         omega, entropy, known = (t.reshape(shape) for t in (omega, entropy, known))
         if self.dale_boundary_margin > 0:  # the annotated boundary's own uncertainty: labels trusted there
             omega = torch.where(boundary_band(onehot, self.dale_boundary_margin), torch.ones((), device=dev), omega)
@@ -542,7 +543,8 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
             fuzzy = 1 - omega
             if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
-                agree = (2 * (q_full * onehot).sum(1, keepdim=True)).clamp(max=1) ** self.dale_agreement_power
+                agree = (2 * q_label).clamp(max=1)
+                agree = agree if self.dale_agreement_power == 1 else agree ** self.dale_agreement_power
                 omega = omega * (1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree))
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
                                     self.dale_certain_correction)
