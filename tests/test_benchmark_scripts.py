@@ -34,6 +34,13 @@ def test_memory_cost_smallest(tmp_path):
     assert r["host_ms"] >= 0 and r["worker_read_ms"] > 0 and r["device_ms"] > 0 and r["before_update_ms"] > 0
 
 
+def test_step_cost_smallest(tmp_path):
+    out = tmp_path / "step_cost.json"
+    script("step_cost.py", "--shape", "tiny", "--iters", "1", "--json", str(out))
+    r = json.loads(out.read_text())["results"]
+    assert all(r[k] > 0 for k in ("nnunet_loss_ms", "rset_maps_ms", "dale_stable_ms", "dale_fuzzy_ms"))
+
+
 def test_snapshot_progress_and_cost_summary_smallest(tmp_path):
     proc = script("snapshot_cost.py", "--gib", "0.002", "--cases", "2", "--folder", str(tmp_path / "snap"))
     assert proc.stdout.count("| 0.002 | 2 |") == 1
