@@ -531,8 +531,6 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         onehot = (lab[:, None] == torch.arange(k, device=dev)[None, :, None]).to(q.dtype)
         q_full = torch.where(known[:, None], q_cls, onehot)
         entropy = torch.where(known, entropy_signal(q_cls), torch.zeros((), device=dev))
-        # the ensemble's probability of the annotated class (1 where not known, as q_full is the label there)
-        q_label = torch.where(known, q_cls.gather(1, lab[:, None])[:, 0], torch.ones((), device=dev)).reshape(shape)
         q_full, onehot = (t.reshape(shape[0], k, *shape[2:]) for t in (q_full, onehot))
         omega, entropy, known = (t.reshape(shape) for t in (omega, entropy, known))
         if self.dale_boundary_margin > 0:  # the annotated boundary's own uncertainty: labels trusted there
@@ -543,6 +541,9 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
             fuzzy = 1 - omega
             if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
+                # the ensemble's probability of the annotated class (1 where not known: q_full is the label there)
+                q_label = torch.where(known.reshape(shape[0], -1), q_cls.gather(1, lab[:, None])[:, 0],
+                                      torch.ones((), device=dev)).reshape(shape)
                 agree = (2 * q_label).clamp(max=1)
                 agree = agree if self.dale_agreement_power == 1 else agree ** self.dale_agreement_power
                 omega = omega * (1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree))
