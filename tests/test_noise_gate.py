@@ -156,7 +156,7 @@ def test_a_frozen_memory_under_a_shut_gate_leaves_nnunets_own_steps(tiny2d, monk
     trainer.current_epoch = 0
     calls = []
     real_maps = trainer.rset_maps
-    monkeypatch.setattr(trainer, "rset_maps", lambda batch: calls.append(1) or real_maps(batch))
+    monkeypatch.setattr(trainer, "rset_maps", lambda batch, *phase: calls.append(1) or real_maps(batch, *phase))
     seen = {}
     for name, contradicted in (("closed", 0), ("open", 50)):
         trainer.noise_estimate = NoiseEstimate(keys, ones * contradicted, ones, ones, 0.08, 0.14, 2.5)

@@ -17,7 +17,8 @@ from PIL import Image
 from conftest import run, tool
 from nnunetv2_dale.method.alignment import FeatureAlignment, mass_share, moment_sums, w2_diagonal
 from nnunetv2_dale.method.loss import DALELoss, collaborative_target, sharpen
-from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, entropy_signal, fit_mixture, histogram, loss_signal
+from nnunetv2_dale.method.rsets import Mixture, auroc, case_confidence, entropy_signal, fit_mixture, histogram, loss_signal, \
+    omega_per_voxel
 from nnunetv2_dale.method.schedule import FUZZY, JOINT, STABLE, WARMUP, alignment_weight, phase_of_epoch
 
 
@@ -182,6 +183,21 @@ def test_mixture_finds_two_populations_and_omega_ranks_them():
     assert auroc(1 - omega.numpy(), truth) > 0.99
     single = fit_mixture(histogram(loss_signal(clean)))
     assert not single.fitted and float(single.clean_posterior(losses).min()) == 1.0
+
+
+def test_omega_per_voxel_is_each_class_mixtures_posterior():
+    """The per-voxel omega (a sigmoid of the mixture's log-odds) equals the density ratio of
+    ``Mixture.clean_posterior`` for tied, untied and unfitted mixtures, gathered by label, and is
+    ``unknown_value`` where not known."""
+    mixtures = [Mixture((0.7, 0.3), (0.3, 2.0), (0.3, 1.0), True), Mixture(),
+                Mixture((0.6, 0.4), (0.2, 1.5), (0.5, 0.5), True)]
+    losses = torch.linspace(0, 6, 601, dtype=torch.float64).repeat(3)
+    labels = torch.arange(3).repeat_interleave(601)
+    known = torch.rand(len(labels), generator=torch.Generator().manual_seed(0)) > 0.2
+    got = omega_per_voxel(losses, labels, known, mixtures, float("nan"))
+    want = torch.cat([m.clean_posterior(losses[:601]) for m in mixtures])
+    torch.testing.assert_close(got[known], want[known], atol=1e-9, rtol=0)  # the density ratio clamps its tail
+    assert got[~known].isnan().all() and 0 < float(got[known & (labels == 0)].min()) < 0.5 < float(got[known].max())
 
 
 def test_auroc_reference_values():

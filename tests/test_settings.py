@@ -150,7 +150,7 @@ def _reference_rset_maps(trainer, batch):
     """The per-sample host implementation of ``rset_maps`` before it ran batched on the device
     (nnunetv2-dale 0.2), kept as the reference the new path must match."""
     from nnunetv2_dale.method.loss import collaborative_target
-    from nnunetv2_dale.method.rsets import entropy_signal
+    from nnunetv2_dale.method.rsets import agreement_with_label, entropy_signal, loss_signal
 
     labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
     k = len(trainer.label_manager.all_labels)
@@ -162,7 +162,10 @@ def _reference_rset_maps(trainer, batch):
         q, visits = trainer.memory.read(key, index)
         known = valid & (visits >= trainer.dale_min_visits)
         lab = labels.clamp(0, k - 1)
-        om = trainer.label_confidence(key, index, valid, known, lab, q)
+        losses = loss_signal(agreement_with_label(q, lab, k))  # omega: each class mixture's density ratio
+        om = torch.ones(len(lab))
+        for c, mixture in enumerate(trainer.mixtures):
+            om = torch.where(known & (lab == c), mixture.clean_posterior(losses), om)
         er = torch.where(known, entropy_signal(q), torch.zeros(()))
         qk = torch.cat([1 - q, q], 1) if q.shape[1] == 1 else q
         qk = torch.where(known[:, None], qk, torch.nn.functional.one_hot(lab, k).float())
@@ -184,6 +187,7 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
     0.4.0 agreement weights, to the first and second power), whether the buffer values come with
     the batch from the loader (workers) or are read by the trainer."""
     from nnunetv2_dale.method.rsets import Mixture
+    from nnunetv2_dale.method.schedule import STABLE
 
     trainer = _trainer_with_filled_memory(multilabel2d, monkeypatch, seed=1,
                                           visits=lambda rng, size: rng.integers(0, 6, size=size))
@@ -207,6 +211,11 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
         for name, g, w in zip(("omega", "reliable", "fuzzy", "soft", "onehot", "ensemble", "known"), got, want):
             assert g.shape == w.shape and g.dtype == w.dtype, name
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+        # a stable phase's maps: the same, without the fuzzy phase's target and ensemble
+        stable = trainer.rset_maps(b, STABLE)
+        assert stable.soft is None and stable.ensemble is None
+        for name in ("omega", "reliable", "fuzzy", "onehot", "known"):
+            torch.testing.assert_close(getattr(stable, name), getattr(got, name), atol=0, rtol=0, msg=name)
 
 
 def test_3d_lowres_and_cascade(tmp_path):

@@ -55,8 +55,9 @@ class _NoiseOracle(nnUNetTrainerDALE):
         changed = sum(int(m.sum()) for m in self.noise_masks.values()) / max(self.memory.total_voxels, 1)
         self.print_to_log_file(f"Oracle: noise masks of {len(self.noise_masks)} cases, {changed:.2%} of voxels changed")
 
-    def label_confidence(self, key, index, valid, known, labels, q):
-        noisy = self.noise_masks[key][index.clamp(0, len(self.noise_masks[key]) - 1)].to(valid.device)
+    def label_confidence(self, keys, indices, valid, known, labels, agreement):
+        noisy = torch.stack([self.noise_masks[key][index.clamp(0, len(self.noise_masks[key]) - 1)]
+                             for key, index in zip(keys, indices)]).to(valid.device)
         return torch.where(valid & noisy, torch.zeros((), device=valid.device), torch.ones((), device=valid.device))
 
 

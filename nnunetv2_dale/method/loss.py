@@ -69,8 +69,8 @@ class DALELoss(nn.Module):
 
 def sharpen(q: torch.Tensor, temperature: float) -> torch.Tensor:
     """q^(1/T) renormalised over classes (dim 1)."""
-    p = q.clamp_min(1e-6) ** (1.0 / temperature)
-    return p / p.sum(1, keepdim=True)
+    p = q.clamp_min(1e-6).pow_(1.0 / temperature)
+    return p.div_(p.sum(1, keepdim=True))
 
 
 def collaborative_target(onehot: torch.Tensor, q: torch.Tensor, omega: torch.Tensor, entropy: torch.Tensor,
@@ -79,7 +79,7 @@ def collaborative_target(onehot: torch.Tensor, q: torch.Tensor, omega: torch.Ten
     s = 1 - omega, or s = (1 - omega)(1 - ER) when ``certain``: then a low-confidence voxel moves
     toward the ensemble only as far as the ensemble is decided (ER = ``entropy``, in [0, 1])."""
     shift = (1 - omega) * (1 - entropy) if certain else 1 - omega
-    return (1 - shift) * onehot + shift * sharpen(q, temperature)
+    return torch.lerp(onehot, sharpen(q, temperature), shift)  # one pass: onehot + s (sharpen(q) - onehot)
 
 
 def class_balanced(omega: torch.Tensor, target: torch.Tensor, num_classes: int, ignore: int | None) -> torch.Tensor:

@@ -63,6 +63,17 @@ class Mixture:
             dens.append(w / s * torch.exp(-0.5 * ((losses - m) / s) ** 2))
         return dens[0] / (dens[0] + dens[1]).clamp_min(1e-12)
 
+    def log_odds(self) -> tuple[float, float, float]:
+        """(a, b, c) with log(p(l | clean) w_0 / p(l | noisy) w_1) = a l^2 + b l + c, so that
+        omega = sigmoid(a l^2 + b l + c) (a = 0 when the variances are tied); (0, 0, inf) when not
+        fitted (omega = 1). One expression per voxel, and no density underflows to 0 / 0."""
+        if not self.fitted:
+            return 0.0, 0.0, math.inf
+        (w0, w1), (m0, m1), (s0, s1) = self.weights, self.means, self.stds
+        p0, p1 = 1 / s0 ** 2, 1 / s1 ** 2  # precisions
+        return (-0.5 * (p0 - p1), m0 * p0 - m1 * p1,
+                math.log(w0 / s0) - math.log(w1 / s1) - 0.5 * (m0 ** 2 * p0 - m1 ** 2 * p1))
+
     def to_dict(self) -> dict:
         return {"weights": list(self.weights), "means": list(self.means), "stds": list(self.stds),
                 "fitted": self.fitted}
@@ -117,16 +128,17 @@ def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50, 
 
 def omega_per_voxel(losses: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, mixtures: list[Mixture],
                     unknown_value: float = 1.0) -> torch.Tensor:
-    """omega from each voxel's class mixture; ``unknown_value`` where ``known`` is False. Every
-    voxel's mixture parameters are gathered by its label, so the work is a few element-wise
-    operations on the tensors' device, whatever the number of classes."""
-    table = torch.tensor([[*m.weights, *m.means, *m.stds, float(m.fitted)] for m in mixtures],
-                         dtype=losses.dtype).to(losses.device, non_blocking=True)
-    w0, w1, m0, m1, s0, s1, fitted = table[labels.clamp(0, len(mixtures) - 1)].unbind(-1)
-    d0 = w0 / s0 * torch.exp(-0.5 * ((losses - m0) / s0) ** 2)
-    d1 = w1 / s1 * torch.exp(-0.5 * ((losses - m1) / s1) ** 2)
-    omega = torch.where(fitted > 0, d0 / (d0 + d1).clamp_min(1e-12), torch.ones((), device=losses.device))
-    return torch.where(known & (labels >= 0) & (labels < len(mixtures)), omega, torch.full((), unknown_value, device=losses.device))
+    """omega from each voxel's class mixture (``Mixture.log_odds``: the clean posterior as a
+    sigmoid); ``unknown_value`` where ``known`` is False. Every voxel's coefficients are gathered by
+    its label, so the work is a few element-wise operations on the tensors' device, whatever the
+    number of classes."""
+    table = torch.tensor([m.log_odds() for m in mixtures], dtype=losses.dtype).to(losses.device, non_blocking=True)
+    lab = labels.clamp(0, len(mixtures) - 1)
+    logit = torch.addcmul(table[:, 2][lab], table[:, 1][lab], losses)
+    if any(m.log_odds()[0] != 0 for m in mixtures):  # untied variances: the quadratic term
+        logit = logit + table[:, 0][lab] * losses * losses
+    inside = known & (labels >= 0) & (labels < len(mixtures))
+    return torch.where(inside, torch.sigmoid(logit), torch.full((), unknown_value, device=losses.device))
 
 
 def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtures: list[Mixture],

@@ -72,9 +72,9 @@ class RSetMaps(NamedTuple):
     omega: torch.Tensor
     reliable: torch.Tensor
     fuzzy: torch.Tensor
-    soft: torch.Tensor
+    soft: torch.Tensor | None  # None where the phase does not use it (``rset_maps``)
     onehot: torch.Tensor
-    ensemble: torch.Tensor
+    ensemble: torch.Tensor | None
     known: torch.Tensor
 
 
@@ -426,7 +426,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
     def dale_loss(self, batch: dict, output, target, phase: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of a stable, fuzzy or joint phase, and its terms for the log."""
         targets = target if isinstance(target, list) else [target]
-        omega, reliable, fuzzy, soft, onehot, ensemble, known = self.rset_maps(batch)
+        omega, reliable, fuzzy, soft, onehot, ensemble, known = self.rset_maps(batch, phase)
         ds = len(targets) > 1
         if self.dale_confidence_floor > 0:
             omega = self.dale_confidence_floor + (1 - self.dale_confidence_floor) * omega
@@ -483,14 +483,15 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         return loss, terms
 
     @torch.no_grad()
-    def rset_maps(self, batch: dict) -> RSetMaps:
+    def rset_maps(self, batch: dict, phase: str | None = None) -> RSetMaps:
         """Per patch voxel (full resolution, on the training device): omega (B,1,*S), reliable and
         fuzzy membership (B,1,*S), the collaborative target y~ (B,K,*S), the one-hot label (B,K,*S),
         the temporal ensemble q (B,K,*S; the one-hot label where not known) and where it is known
         (B,1,*S). The augmentation workers read the patch's buffer values with the batch
         (``dale_q``, ``dale_visits``; ``dale_worker_reads``), or else the host gathers them here; the
-        per-voxel math runs on the device, batched over the samples. ``label_confidence`` gets
-        each voxel's source index only in the second case (None otherwise)."""
+        per-voxel math runs on the device, batched over the samples. Given the ``phase`` it is for,
+        the maps that phase does not use (y~ and q in a stable phase, the entropy where no setting
+        reads it) are not computed (None); without it, all are."""
         labels_full = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
         k = len(self.label_manager.all_labels)
         shape = labels_full.shape
@@ -520,19 +521,30 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         if ignore is not None:  # ignored voxels never count as known (the host path drops them from valid)
             valid = valid & (labels_dev.reshape(shape[0], -1) != ignore)
         known = valid & (visits >= self.dale_min_visits)
-        omega = torch.stack([self.label_confidence(key, index, valid[b], known[b], lab[b], q[b]).to(dev)
-                             for b, (key, index) in enumerate(zip(keys, indices))])
-        # how far DALE acts on each sample's labels (1 without the gate)
-        gates = self.sample_gates(keys).to(dev) if self.dale_noise_gate else torch.ones(shape[0], device=dev)
-        if self.dale_noise_gate:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
+        # the ensemble's probability of the annotated class, q[y] (B, N): the loss-consistency signal's source
+        q_label = torch.where(lab > 0, q[..., 0], 1 - q[..., 0]) if channels == 1 else q.gather(2, lab[..., None])[..., 0]
+        omega = self.label_confidence(keys, indices, valid, known, lab, q_label).to(dev)
+        # how far DALE acts on each sample's labels (1 without the gate; host values, no device sync)
+        gates = self.sample_gates(keys) if self.dale_noise_gate else torch.ones(shape[0])
+        gated = bool((gates < 1).any())
+        gates = gates.to(dev)
+        if gated:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
             omega = 1 - gates.unsqueeze(1) * (1 - omega)
+        need_soft = phase != STABLE  # y~: the fuzzy phase's alignment members (or target)
+        need_q = need_soft or self.dale_consistency_weight > 0
+        need_entropy = phase is None or not self.dale_use_confidence or self.dale_reliable_certain or \
+            (need_soft and self.dale_certain_correction)
         # class-first (B, K, N) from here on: one pass per map, no transposed copies
-        q_cls = torch.stack([1 - q[..., 0], q[..., 0]], 1) if channels == 1 else q.transpose(1, 2)
         onehot = (lab[:, None] == torch.arange(k, device=dev)[None, :, None]).to(q.dtype)
-        q_full = torch.where(known[:, None], q_cls, onehot)
-        entropy = torch.where(known, entropy_signal(q_cls), torch.zeros((), device=dev))
-        q_full, onehot = (t.reshape(shape[0], k, *shape[2:]) for t in (q_full, onehot))
-        omega, entropy, known = (t.reshape(shape) for t in (omega, entropy, known))
+        q_full = entropy = None
+        if need_q or need_entropy:
+            q_cls = torch.stack([1 - q[..., 0], q[..., 0]], 1) if channels == 1 else q.transpose(1, 2)
+            if need_q:
+                q_full = torch.where(known[:, None], q_cls, onehot).reshape(shape[0], k, *shape[2:])
+            if need_entropy:
+                entropy = torch.where(known, entropy_signal(q_cls), torch.zeros((), device=dev)).reshape(shape)
+        onehot = onehot.reshape(shape[0], k, *shape[2:])
+        omega, known = omega.reshape(shape), known.reshape(shape)
         if self.dale_boundary_margin > 0:  # the annotated boundary's own uncertainty: labels trusted there
             omega = torch.where(boundary_band(onehot, self.dale_boundary_margin), torch.ones((), device=dev), omega)
         if not self.dale_use_confidence:
@@ -541,14 +553,14 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             reliable = omega * (1 - entropy) if self.dale_reliable_certain else omega
             fuzzy = 1 - omega
             if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
-                # the ensemble's probability of the annotated class (1 where not known: q_full is the label there)
-                q_label = torch.where(known.reshape(shape[0], -1), q_cls.gather(1, lab[:, None])[:, 0],
-                                      torch.ones((), device=dev)).reshape(shape)
-                agree = (2 * q_label).clamp(max=1)
+                # 2 q[y] up to 1 (1 where not known: the label stands there)
+                agree = torch.where(known, (2 * q_label.reshape(shape)).clamp(max=1), torch.ones((), device=dev))
                 agree = agree if self.dale_agreement_power == 1 else agree ** self.dale_agreement_power
-                omega = omega * (1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree))
+                if gated:
+                    agree = 1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree)
+                omega = omega * agree
         soft = collaborative_target(onehot, q_full, omega, entropy, self.dale_sharpen_temperature,
-                                    self.dale_certain_correction)
+                                    self.dale_certain_correction) if need_soft else None
         if ignore is not None:  # ignored voxels are in neither set: no alignment statistic, no alignment loss
             counted = (labels_dev != ignore).float()
             reliable, fuzzy = reliable * counted, fuzzy * counted
@@ -609,12 +621,13 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         return (self.memory_frozen(nxt) or self.noise_estimate is None
                 or (nxt - self.warmup_end()) % max(self.dale_estimate_every, 1) == 0)
 
-    def label_confidence(self, key: str, index: torch.Tensor, valid: torch.Tensor, known: torch.Tensor,
-                         labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """omega of every patch voxel: the clean posterior of its class mixture at its loss
-        signal; 1 where the voxel is not ``known`` (padding, ignored, or visited too rarely)."""
-        losses = loss_signal(agreement_with_label(q, labels, len(self.mixtures)))
-        return omega_per_voxel(losses, labels, known, self.mixtures)
+    def label_confidence(self, keys: list[str], indices: list[torch.Tensor | None], valid: torch.Tensor,
+                         known: torch.Tensor, labels: torch.Tensor, agreement: torch.Tensor) -> torch.Tensor:
+        """omega (B, N) of every patch voxel: the clean posterior of its class mixture at its loss
+        signal -log q[y] (``agreement`` is q[y]); 1 where the voxel is not ``known`` (padding,
+        ignored, or visited too rarely). ``indices``: each sample's source voxel indices where the
+        trainer read the buffers itself (``dale_worker_reads`` off), else None."""
+        return omega_per_voxel(loss_signal(agreement), labels, known, self.mixtures)
 
     def _patch_voxels(self, batch: dict):
         """Per sample: (b, case key, source index, valid mask, full-resolution label) of every patch
