@@ -38,7 +38,8 @@ def test_step_cost_smallest(tmp_path):
     out = tmp_path / "step_cost.json"
     script("step_cost.py", "--shape", "tiny", "--iters", "1", "--json", str(out))
     r = json.loads(out.read_text())["results"]
-    assert all(r[k] > 0 for k in ("nnunet_loss_ms", "rset_maps_ms", "dale_stable_ms", "dale_fuzzy_ms"))
+    assert all(r[k] > 0 for k in ("nnunet_loss_ms", "rset_maps_ms", "rset_maps_stable_ms", "dale_stable_ms",
+                                  "dale_fuzzy_ms", "pass_ms", "feature_grad_ms"))
 
 
 def test_snapshot_progress_and_cost_summary_smallest(tmp_path):
