@@ -21,6 +21,7 @@ import torch
 EPS = 1e-4
 L_MAX = -math.log(EPS)  # losses are clipped to [0, L_MAX]
 N_BINS = 64
+UNFITTED = 100.0  # the log-odds of an unfitted mixture: sigmoid(100) is 1 in float32 and float64 (finite, so lerps hold)
 
 
 def loss_signal(agreement: torch.Tensor) -> torch.Tensor:
@@ -65,10 +66,10 @@ class Mixture:
 
     def log_odds(self) -> tuple[float, float, float]:
         """(a, b, c) with log(p(l | clean) w_0 / p(l | noisy) w_1) = a l^2 + b l + c, so that
-        omega = sigmoid(a l^2 + b l + c) (a = 0 when the variances are tied); (0, 0, inf) when not
-        fitted (omega = 1). One expression per voxel, and no density underflows to 0 / 0."""
+        omega = sigmoid(a l^2 + b l + c) (a = 0 when the variances are tied); (0, 0, UNFITTED) when
+        not fitted (omega = 1). One expression per voxel, and no density underflows to 0 / 0."""
         if not self.fitted:
-            return 0.0, 0.0, math.inf
+            return 0.0, 0.0, UNFITTED
         (w0, w1), (m0, m1), (s0, s1) = self.weights, self.means, self.stds
         p0, p1 = 1 / s0 ** 2, 1 / s1 ** 2  # precisions
         return (-0.5 * (p0 - p1), m0 * p0 - m1 * p1,
@@ -129,16 +130,31 @@ def fit_mixture(counts: np.ndarray, iterations: int = 100, min_count: int = 50, 
 def omega_per_voxel(losses: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, mixtures: list[Mixture],
                     unknown_value: float = 1.0) -> torch.Tensor:
     """omega from each voxel's class mixture (``Mixture.log_odds``: the clean posterior as a
-    sigmoid); ``unknown_value`` where ``known`` is False. Every voxel's coefficients are gathered by
-    its label, so the work is a few element-wise operations on the tensors' device, whatever the
-    number of classes."""
+    sigmoid); ``unknown_value`` where ``known`` is False. ``labels``: each voxel's class in
+    [0, K), integer or float. Every voxel's coefficients are taken by its label, so the work is a
+    few element-wise operations on the tensors' device, whatever the number of classes."""
     table = torch.tensor([m.log_odds() for m in mixtures], dtype=losses.dtype).to(losses.device, non_blocking=True)
-    lab = labels.clamp(0, len(mixtures) - 1)
-    logit = torch.addcmul(table[:, 2][lab], table[:, 1][lab], losses)
+    logit = torch.addcmul(per_label(table[:, 2], labels), per_label(table[:, 1], labels), losses)
     if any(m.log_odds()[0] != 0 for m in mixtures):  # untied variances: the quadratic term
-        logit = logit + table[:, 0][lab] * losses * losses
-    inside = known & (labels >= 0) & (labels < len(mixtures))
-    return torch.where(inside, torch.sigmoid(logit), torch.full((), unknown_value, device=losses.device))
+        logit = logit + per_label(table[:, 0], labels) * losses * losses
+    fill = torch.full((), unknown_value, dtype=losses.dtype, device=losses.device)
+    if math.isnan(unknown_value):
+        return torch.where(known, torch.sigmoid(logit), fill)
+    return torch.lerp(fill, torch.sigmoid(logit), as_float(known, losses.dtype))
+
+
+def per_label(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``values[label]`` for every voxel: a lerp between two classes (exact at 0 and 1), else an index."""
+    if len(values) == 2:
+        return torch.lerp(values[0], values[1], labels.to(values.dtype))
+    return values[labels.long()]
+
+
+def as_float(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A boolean mask as 0/1 floats, through uint8 (on a CPU a direct bool -> float copy is ~10x
+    slower); with it, ``torch.lerp(a, b, mask)`` is ``torch.where(mask, b, a)`` at a fraction of a
+    CPU's cost."""
+    return mask.to(torch.uint8).to(dtype)
 
 
 def case_confidence(q: np.ndarray, visits: np.ndarray, labels: np.ndarray, mixtures: list[Mixture],

@@ -30,8 +30,8 @@ from nnunetv2_dale import __version__
 from nnunetv2_dale.method.alignment import FeatureAlignment, mass_share
 from nnunetv2_dale.method.coords import source_indices, training_loader_with_coordinates
 from nnunetv2_dale.method.loss import DALELoss, class_balanced, collaborative_target, ensemble_consistency
-from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, boundary_band, entropy_signal, fit_mixture,
-                                        loss_signal, omega_per_voxel)
+from nnunetv2_dale.method.rsets import (Mixture, agreement_with_label, as_float, boundary_band, entropy_signal,
+                                        fit_mixture, loss_signal, omega_per_voxel)
 from nnunetv2_dale.method.noise_estimate import ESTIMATE_FILE, NoiseEstimate, case_counts
 from nnunetv2_dale.method.sampling import SAMPLING_FILE, FuzzySampler, PatchReader, SettingsFile
 from nnunetv2_dale.method.horizon import frozen_from, mature_from, replay_saturation, update_saturation
@@ -516,13 +516,21 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         valid = rest[0] if rest else visits > 0
         q = q.float()
         labels_dev = labels_full.to(dev, non_blocking=True)
-        lab = labels_dev.reshape(shape[0], -1).long().clamp(0, k - 1)
+        # each voxel's class as a float in [0, K): comparisons, lerps and one-hots cost a CPU less than on int64
+        lab = labels_dev.reshape(shape[0], -1).float().clamp_(0, k - 1)
         ignore = self.label_manager.ignore_label
         if ignore is not None:  # ignored voxels never count as known (the host path drops them from valid)
             valid = valid & (labels_dev.reshape(shape[0], -1) != ignore)
         known = valid & (visits >= self.dale_min_visits)
-        # the ensemble's probability of the annotated class, q[y] (B, N): the loss-consistency signal's source
-        q_label = torch.where(lab > 0, q[..., 0], 1 - q[..., 0]) if channels == 1 else q.gather(2, lab[..., None])[..., 0]
+        known_f = as_float(known)  # 0/1: torch.lerp(a, b, known_f) is where(known, b, a) at a fraction of a CPU's cost
+        one = torch.ones((), device=dev)
+        if channels == 1:  # binary: the buffer holds p(foreground), the label is 0 or 1
+            q_label = torch.addcmul(1 - q[..., 0], lab, 2 * q[..., 0] - 1)  # the ensemble's q[y] (B, N)
+            onehot = torch.stack([1 - lab, lab], 1)
+        else:
+            q_label = q.gather(2, lab.long()[..., None])[..., 0]
+            onehot = as_float(lab[:, None] == torch.arange(k, device=dev)[None, :, None])
+        # omega from the loss-consistency signal -log q[y]
         omega = self.label_confidence(keys, indices, valid, known, lab, q_label).to(dev)
         # how far DALE acts on each sample's labels (1 without the gate; host values, no device sync)
         gates = self.sample_gates(keys) if self.dale_noise_gate else torch.ones(shape[0])
@@ -535,18 +543,17 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         need_entropy = phase is None or not self.dale_use_confidence or self.dale_reliable_certain or \
             (need_soft and self.dale_certain_correction)
         # class-first (B, K, N) from here on: one pass per map, no transposed copies
-        onehot = (lab[:, None] == torch.arange(k, device=dev)[None, :, None]).to(q.dtype)
         q_full = entropy = None
         if need_q or need_entropy:
             q_cls = torch.stack([1 - q[..., 0], q[..., 0]], 1) if channels == 1 else q.transpose(1, 2)
             if need_q:
-                q_full = torch.where(known[:, None], q_cls, onehot).reshape(shape[0], k, *shape[2:])
+                q_full = torch.lerp(onehot, q_cls, known_f[:, None]).reshape(shape[0], k, *shape[2:])
             if need_entropy:
-                entropy = torch.where(known, entropy_signal(q_cls), torch.zeros((), device=dev)).reshape(shape)
+                entropy = (entropy_signal(q_cls) * known_f).reshape(shape)
         onehot = onehot.reshape(shape[0], k, *shape[2:])
         omega, known = omega.reshape(shape), known.reshape(shape)
         if self.dale_boundary_margin > 0:  # the annotated boundary's own uncertainty: labels trusted there
-            omega = torch.where(boundary_band(onehot, self.dale_boundary_margin), torch.ones((), device=dev), omega)
+            omega = torch.where(boundary_band(onehot, self.dale_boundary_margin), one, omega)
         if not self.dale_use_confidence:
             reliable, fuzzy, omega = 1 - entropy, entropy, torch.ones_like(omega)
         else:
@@ -554,7 +561,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             fuzzy = 1 - omega
             if self.dale_agreement_weights:  # loss weights and target also discount where the ensemble's class differs
                 # 2 q[y] up to 1 (1 where not known: the label stands there)
-                agree = torch.where(known, (2 * q_label.reshape(shape)).clamp(max=1), torch.ones((), device=dev))
+                agree = torch.lerp(one, (2 * q_label).clamp_(max=1), known_f).reshape(shape)
                 agree = agree if self.dale_agreement_power == 1 else agree ** self.dale_agreement_power
                 if gated:
                     agree = 1 - gates.reshape(-1, *[1] * (len(shape) - 1)) * (1 - agree)
