@@ -46,8 +46,12 @@ def test_kill_resume_restores_checkpoint_buffers(tiny2d, monkeypatch):
     # in-process: what --c does up to the first epoch
     trainer = inprocess_trainer(tree, did, "2d", monkeypatch, TRAINER, **budget)
     trainer.load_checkpoint(str(fold / "checkpoint_latest.pth"))
+    settings = memory / "sampling.json"  # what the killed run left for the workers (here marked stale)
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "phase": "stale"}))
     trainer.on_train_start()
     assert digest(memory / "live") == snapshot
+    # the workers, which start prefetching in nnU-Net's on_train_start, read the resumed epoch's settings
+    assert json.loads(settings.read_text())["phase"] == trainer.phase() != "stale"
     assert trainer.memory.visited_voxels > 0
 
     # through the CLI: resume and finish

@@ -297,17 +297,23 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
             return
         if self.phase() != WARMUP and self.noise_estimate is None:
             self.update_noise_estimate()  # a run resumed from buffers saved without an estimate
-        reads = self.steps_read_memory()
-        if self.local_rank == 0:  # read by the augmentation workers
-            write_json_atomic(self.memory_folder / SAMPLING_FILE, {
-                "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
-                "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures],
-                "gate": self.noise_gate(), "reads": reads, "coordinates": reads or not self.memory_frozen()})
+        reads = self._write_sampling_settings()
         if not reads and self.phase() != WARMUP and not self._stock_steps_said:
             self._stock_steps_said = True
             self.print_to_log_file("DALE: the labels look clean (gate 0) and the memory is frozen, so DALE's objective "
                                    "is nnU-Net's for the rest of the training: the steps are nnU-Net's, and the "
                                    "workers build nnU-Net's own batches (no coordinate maps, no buffer reads)")
+
+    def _write_sampling_settings(self) -> bool:
+        """Write the current epoch's ``sampling.json`` for the augmentation workers (rank 0);
+        returns whether this epoch's steps read the memory."""
+        reads = self.steps_read_memory()
+        if self.local_rank == 0:
+            write_json_atomic(self.memory_folder / SAMPLING_FILE, {
+                "phase": self.phase(), "share": self.dale_fuzzy_sampling_share, "min_visits": self.dale_min_visits,
+                "channels": self.memory.channels, "mixtures": [m.to_dict() for m in self.mixtures],
+                "gate": self.noise_gate(), "reads": reads, "coordinates": reads or not self.memory_frozen()})
+        return reads
 
     def steps_read_memory(self, epoch: int | None = None) -> bool:
         """Whether the training steps of an epoch use the memory (DALE's objective, and the
@@ -342,6 +348,10 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         # the buffers first: a refused restore then exits before nnU-Net starts its loader workers
         # (stopping them after they have begun prefetching races with their result threads)
         self._start_memory()
+        # the workers start prefetching in nnU-Net's on_train_start: they must not read the settings a
+        # killed run left behind (another phase, older mixtures) for the first batches of a resumed one
+        self._write_sampling_settings()
+        self._barrier()
         super().on_train_start()
 
     def _start_memory(self) -> None:
