@@ -4,8 +4,8 @@ stable and fuzzy steps with the noise gate open (R-set maps from the workers' bu
 weighted loss, alignment moments and their gradient), on fixed network outputs and decoder
 features, so the network's own step is left out. ``rset_maps`` is also timed alone, with every map
 (``rset_maps_ms``) and with a stable phase's (``rset_maps_stable_ms``). Two floors put the figures
-in units: ``pass_ms``, one element-wise pass over a (B, 1, *patch) float map (DALE's per-voxel maps
-are this size), and ``feature_grad_ms``, writing one new tensor the size of the decoder features
+in scale: ``pass_ms``, one element-wise pass over a (B, 1, *patch) float map (DALE's per-voxel maps
+are this size; on a CPU it fits the last-level cache, so it is a lower bound), and ``feature_grad_ms``, writing one new tensor the size of the decoder features
 (the alignment's gradient must be one; on a CPU each such allocation pays its page faults, as every
 activation of the network does). On a CPU all of it is host time; with ``--device cuda`` the
 outputs and features are float16 and the steps run under autocast, timed with synchronisation.
@@ -99,8 +99,6 @@ def measure(name: str, iters: int, workdir: Path, device: torch.device) -> dict:
            "feature_grad_ms": timed(lambda: torch.empty_like(features).fill_(1))}
     out["extra_stable_ms"] = out["dale_stable_ms"] - out["nnunet_loss_ms"]
     out["extra_fuzzy_ms"] = out["dale_fuzzy_ms"] - out["nnunet_loss_ms"]
-    out["extra_stable_passes"] = out["extra_stable_ms"] / out["pass_ms"]
-    out["extra_fuzzy_passes"] = out["extra_fuzzy_ms"] / out["pass_ms"]
     t.memory.close()
     return out
 
