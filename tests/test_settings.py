@@ -201,7 +201,12 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
     worker_batch = next(trainer.dataloader_train)
     assert worker_batch["dale_q"].dtype == torch.float16 and worker_batch["dale_visits"].dtype == torch.uint8
     host_batch = {k: v for k, v in worker_batch.items() if not k.startswith("dale_")}
-    for b, certain, agree in [(b, c, a) for b in (batch, worker_batch, host_batch) for c in (False, True)
+    # a float target (its dtype is the augmentation's choice) with the ignore label: left as it is
+    targets = worker_batch["target"] if isinstance(worker_batch["target"], list) else [worker_batch["target"]]
+    float_batch = {**worker_batch, "target": [t.float() for t in targets]}
+    float_targets = [t.clone() for t in float_batch["target"]]
+    assert (float_targets[0] == IGNORE).any()
+    for b, certain, agree in [(b, c, a) for b in (batch, worker_batch, host_batch, float_batch) for c in (False, True)
                               for a in (0.0, 1.0, 2.0)]:
         trainer.dale_reliable_certain = certain  # the reliable membership: omega, or omega (1 - ER)
         # the loss weights: omega, or omega times the ensemble's agreement (to a power: _sharpAgree)
@@ -216,6 +221,7 @@ def test_batched_rset_maps_match_the_per_sample_reference(multilabel2d, monkeypa
         assert stable.soft is None and stable.ensemble is None
         for name in ("omega", "reliable", "fuzzy", "onehot", "known"):
             torch.testing.assert_close(getattr(stable, name), getattr(got, name), atol=0, rtol=0, msg=name)
+    assert all(torch.equal(t, u) for t, u in zip(float_batch["target"], float_targets))
 
 
 def test_3d_lowres_and_cascade(tmp_path):

@@ -527,7 +527,7 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         q = q.float()
         labels_dev = labels_full.to(dev, non_blocking=True)
         # each voxel's class as a float in [0, K): comparisons, lerps and one-hots cost a CPU less than on int64
-        lab = labels_dev.reshape(shape[0], -1).float().clamp_(0, k - 1)
+        lab = labels_dev.reshape(shape[0], -1).float().clamp(0, k - 1)  # not in place: .float() may be the batch itself
         ignore = self.label_manager.ignore_label
         if ignore is not None:  # ignored voxels never count as known (the host path drops them from valid)
             valid = valid & (labels_dev.reshape(shape[0], -1) != ignore)
