@@ -5,9 +5,10 @@ weighted loss, alignment moments and their gradient), on fixed network outputs a
 features, so the network's own step is left out. ``rset_maps`` is also timed alone, with every map
 (``rset_maps_ms``) and with a stable phase's (``rset_maps_stable_ms``). Two floors put the figures
 in scale: ``pass_ms``, one element-wise pass over a (B, 1, *patch) float map (DALE's per-voxel maps
-are this size; on a CPU it fits the last-level cache, so it is a lower bound), and ``feature_grad_ms``, writing one new tensor the size of the decoder features
-(the alignment's gradient must be one; on a CPU each such allocation pays its page faults, as every
-activation of the network does). On a CPU all of it is host time; with ``--device cuda`` the
+are this size; on a CPU it fits the last-level cache, so it is a lower bound), and
+``feature_grad_ms``, writing one new tensor the size of the decoder features (the alignment's
+gradient must be one; on a CPU each such allocation pays its page faults, as every activation of
+the network does). On a CPU all of it is host time; with ``--device cuda`` the
 outputs and features are float16 and the steps run under autocast, timed with synchronisation.
 
     python benchmarks/step_cost.py [--shape 3d] [--iters 3] [--threads 2] [--device cpu] [--json FILE]

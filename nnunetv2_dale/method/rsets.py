@@ -30,11 +30,12 @@ def loss_signal(agreement: torch.Tensor) -> torch.Tensor:
 
 
 def agreement_with_label(q: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """AE = q[y]: the smoothed probability the model gives the annotated label (binary: one channel)."""
-    if q.shape[1] == 1:
-        fg = q[:, 0]
-        return torch.where(labels > 0, fg, 1 - fg)
-    return q.gather(1, labels.clamp(0, num_classes - 1).long()[:, None])[:, 0]
+    """AE = q[y]: the smoothed probability the model gives the annotated label; ``q`` (..., C) with
+    the classes last (binary: one channel, p(foreground)), ``labels`` shaped like ``q[..., 0]``."""
+    if q.shape[-1] == 1:
+        fg = q[..., 0]
+        return torch.lerp(1 - fg, fg, as_float(labels > 0, fg.dtype))  # where(labels > 0, fg, 1 - fg), exactly
+    return q.gather(-1, labels.clamp(0, num_classes - 1).long()[..., None])[..., 0]
 
 
 def entropy_signal(q: torch.Tensor) -> torch.Tensor:
@@ -133,9 +134,10 @@ def omega_per_voxel(losses: torch.Tensor, labels: torch.Tensor, known: torch.Ten
     sigmoid); ``unknown_value`` where ``known`` is False. ``labels``: each voxel's class in
     [0, K), integer or float. Every voxel's coefficients are taken by its label, so the work is a
     few element-wise operations on the tensors' device, whatever the number of classes."""
-    table = torch.tensor([m.log_odds() for m in mixtures], dtype=losses.dtype).to(losses.device, non_blocking=True)
+    coefficients = [m.log_odds() for m in mixtures]
+    table = torch.tensor(coefficients, dtype=losses.dtype).to(losses.device, non_blocking=True)
     logit = torch.addcmul(per_label(table[:, 2], labels), per_label(table[:, 1], labels), losses)
-    if any(m.log_odds()[0] != 0 for m in mixtures):  # untied variances: the quadratic term
+    if any(a != 0 for a, _, _ in coefficients):  # untied variances: the quadratic term
         logit = logit + per_label(table[:, 0], labels) * losses * losses
     fill = torch.full((), unknown_value, dtype=losses.dtype, device=losses.device)
     if math.isnan(unknown_value):

@@ -25,7 +25,7 @@ import torch
 
 from nnunetv2_dale.method.coords import VALID_THRESHOLD, source_indices
 from nnunetv2_dale.method.geometry import PatchSpec, axis_sources, rotated_source_indices
-from nnunetv2_dale.method.rsets import Mixture, loss_signal, omega_per_voxel
+from nnunetv2_dale.method.rsets import Mixture, agreement_with_label, loss_signal, omega_per_voxel
 
 SAMPLING_FILE = "sampling.json"
 
@@ -225,8 +225,7 @@ class FuzzySampler(SettingsFile):
             return None
         q, visits = got[0].astype(np.float32), got[1]
         labels = np.asarray(seg[0]).reshape(-1)[idx].astype(np.int64).clip(0, len(self._mixtures) - 1)
-        qk = np.concatenate([1 - q, q], 1) if channels == 1 else q
-        losses = loss_signal(torch.from_numpy(qk[np.arange(len(idx)), labels]))
+        losses = loss_signal(agreement_with_label(torch.from_numpy(q), torch.from_numpy(labels), len(self._mixtures)))
         known = torch.from_numpy(visits >= s.get("min_visits", 3))
         omega = omega_per_voxel(losses, torch.from_numpy(labels), known, self._mixtures).double().numpy()
         weight = 1 - omega

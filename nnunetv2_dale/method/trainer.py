@@ -534,19 +534,18 @@ class nnUNetTrainerDALE(nnUNetTrainerBudget):
         known = valid & (visits >= self.dale_min_visits)
         known_f = as_float(known)  # 0/1: torch.lerp(a, b, known_f) is where(known, b, a) at a fraction of a CPU's cost
         one = torch.ones((), device=dev)
+        q_label = agreement_with_label(q, lab, k)  # the ensemble's q[y] (B, N)
         if channels == 1:  # binary: the buffer holds p(foreground), the label is 0 or 1
-            q_label = torch.addcmul(1 - q[..., 0], lab, 2 * q[..., 0] - 1)  # the ensemble's q[y] (B, N)
             onehot = torch.stack([1 - lab, lab], 1)
         else:
-            q_label = q.gather(2, lab.long()[..., None])[..., 0]
             onehot = as_float(lab[:, None] == torch.arange(k, device=dev)[None, :, None])
         # omega from the loss-consistency signal -log q[y]
         omega = self.label_confidence(keys, indices, valid, known, lab, q_label).to(dev)
         # how far DALE acts on each sample's labels (1 without the gate; host values, no device sync)
         gates = self.sample_gates(keys) if self.dale_noise_gate else torch.ones(shape[0])
         gated = bool((gates < 1).any())
-        gates = gates.to(dev)
         if gated:  # labels that look clean keep their weight: omega -> 1 - g (1 - omega)
+            gates = gates.to(dev)
             omega = 1 - gates.unsqueeze(1) * (1 - omega)
         need_soft = phase != STABLE  # y~: the fuzzy phase's alignment members (or target)
         need_q = need_soft or self.dale_consistency_weight > 0
